@@ -1,0 +1,3 @@
+from clientagent.cli import main
+
+raise SystemExit(main())

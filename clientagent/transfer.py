@@ -1,0 +1,251 @@
+"""The client's adapter: join a session, receive into an output, verify, report, wait for the ack.
+
+Portable (selectors + sockets).  The sans-I/O :class:`mcproto.receiver.Receiver`
+decides what to ask for and when; this module moves datagrams, writes bytes
+and reads the clock.  Success is claimed only after the output was fsynced,
+re-read and found to match the offer's SHA-256, and the DP acknowledged it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import selectors
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from clientagent.net import interface_towards, open_control_socket, open_data_socket
+from clientagent.output import FileOutput, OutputError
+from mcproto import codec
+from mcproto.errors import MessageError, PacketError
+from mcproto.events import Acknowledged, GaveUp, TransferComplete
+from mcproto.messages import Ack, Join, NoSession, Offer
+from mcproto.receiver import Receiver
+
+# Exit codes a task sequence can act on.
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_NO_SESSION = 3
+EXIT_TRANSFER_FAILED = 4
+EXIT_VERIFY_FAILED = 5
+EXIT_OUTPUT_FAILED = 6
+EXIT_NOT_ACKED = 7
+
+
+@dataclass
+class ClientOptions:
+    dp: tuple[str, int]
+    out: str
+    client_id: str
+    deployment: str | None = None
+    wait_s: float = 120.0
+    idle_timeout_s: float = 30.0
+    test_loss: float = 0.0  # TEST FEATURE: drop this fraction of data packets on arrival
+    seed: int | None = None
+
+
+@dataclass
+class ClientResultInfo:
+    exit_code: int
+    reason: str
+    image_bytes: int = 0
+    seconds: float = 0.0
+    sha256: str = ""
+    acknowledged: bool = False
+    verified: bool = False
+    packets: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    test_dropped: int = 0
+    deployment: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+Progress = Callable[[int, int], None]
+
+
+def join_session(opts: ClientOptions, sock, dp_addr) -> Offer | ClientResultInfo:  # type: ignore[no-untyped-def]
+    """Ask the DP for a session until offered one, told no, or ``wait_s`` passes."""
+    join = codec.encode(Join(client_id=opts.client_id, deployment=opts.deployment, agent="mcdeploy-client/0.1"))
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    deadline = time.monotonic() + opts.wait_s
+    next_send, interval, last_no = 0.0, 0.25, ""
+    heard = False
+    try:
+        while (now := time.monotonic()) < deadline:
+            if now >= next_send:
+                try:
+                    sock.sendto(join, dp_addr)
+                except OSError as exc:
+                    return ClientResultInfo(EXIT_NO_SESSION, f"cannot reach DP {opts.dp[0]}:{opts.dp[1]}: {exc}")
+                next_send = now + interval
+                interval = min(2.0, interval * 2)
+            if not sel.select(max(0.0, min(next_send, deadline) - now)):
+                continue
+            try:
+                data, addr = sock.recvfrom(4096)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:  # e.g. ICMP port unreachable surfacing on Windows/Linux
+                continue
+            if addr[:2] != dp_addr[:2]:
+                continue
+            try:
+                msg = codec.decode(data, allowed=(Offer, NoSession))
+            except MessageError:
+                continue
+            heard = True
+            if isinstance(msg, Offer):
+                return msg
+            last_no = msg.reason
+            if msg.retry_after_ms == 0:
+                return ClientResultInfo(EXIT_NO_SESSION, f"no session: {msg.reason}")
+            next_send = min(deadline, now + msg.retry_after_ms / 1000.0)
+    finally:
+        sel.close()
+    if heard:
+        return ClientResultInfo(EXIT_NO_SESSION, f"no session after waiting {opts.wait_s:g} s: {last_no}")
+    return ClientResultInfo(EXIT_NO_SESSION, f"DP {opts.dp[0]}:{opts.dp[1]} did not answer within "
+                            f"{opts.wait_s:g} s (is mcdeploy-dp running there?)")
+
+
+def receive(opts: ClientOptions, progress: Progress | None = None) -> ClientResultInfo:
+    """The whole client job; never raises for network or disk trouble, returns an exit code."""
+    try:
+        ctrl, dp_addr = open_control_socket(opts.dp)
+    except OSError as exc:
+        return ClientResultInfo(EXIT_USAGE, f"cannot resolve DP {opts.dp[0]}: {exc}")
+    try:
+        offer = join_session(opts, ctrl, dp_addr)
+        if isinstance(offer, ClientResultInfo):
+            return offer
+        return _run(opts, offer, ctrl, dp_addr, progress)
+    finally:
+        ctrl.close()
+
+
+def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | None  # type: ignore[no-untyped-def]
+         ) -> ClientResultInfo:
+    rng = random.Random(opts.seed)
+    started = time.monotonic()
+    info = ClientResultInfo(EXIT_TRANSFER_FAILED, "", image_bytes=offer.image_size, deployment=offer.deployment)
+    try:
+        output = FileOutput(opts.out, offer.image_size)
+    except OutputError as exc:
+        info.exit_code, info.reason = EXIT_OUTPUT_FAILED, str(exc)
+        _report_failure(opts, offer, ctrl, dp_addr, info.reason)
+        return info
+    data = open_data_socket(offer.group, offer.port, interface_towards(opts.dp[0]))
+    receiver = Receiver(offer, opts.client_id, started, idle_timeout=opts.idle_timeout_s)
+    sel = selectors.DefaultSelector()
+    sel.register(data, selectors.EVENT_READ, "data")
+    sel.register(ctrl, selectors.EVENT_READ, "ctrl")
+    bufsize = offer.symbol_size + 256
+    next_progress = 0.0
+    try:
+        while not receiver.done:
+            now = time.monotonic()
+            timeout = max(0.0, min(receiver.get_timer(), now + 0.25) - now)
+            for key, _ in sel.select(timeout):
+                if key.data == "data":
+                    for _ in range(512):
+                        try:
+                            pkt = data.recv(bufsize)
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        except OSError:
+                            break
+                        info.packets += 1
+                        if opts.test_loss and rng.random() < opts.test_loss:
+                            info.test_dropped += 1
+                            continue
+                        try:
+                            w = receiver.receive_datagram(pkt, now)
+                        except PacketError:
+                            info.rejected += 1
+                            continue
+                        if w is not None:
+                            output.write_at(w[0], w[1])
+                else:
+                    _read_control(ctrl, dp_addr, receiver, now)
+            now = time.monotonic()
+            receiver.handle_timer(now)
+            while (ev := receiver.next_event()) is not None:
+                if isinstance(ev, TransferComplete):
+                    output.finish()
+                    digest = output.sha256()
+                    info.sha256 = digest
+                    if digest == offer.image_sha256:
+                        info.verified = True
+                        receiver.verified(digest, offer.image_size, time.monotonic() - started, now)
+                    else:
+                        info.exit_code = EXIT_VERIFY_FAILED
+                        receiver.fail("SHA-256 of the written image does not match the offer", now)
+                elif isinstance(ev, Acknowledged):
+                    info.acknowledged = True
+                    if ev.outcome == "done" and info.verified:
+                        info.exit_code, info.reason = EXIT_OK, "verified and acknowledged"
+                    elif info.exit_code == EXIT_TRANSFER_FAILED and info.verified:
+                        info.reason = f"DP recorded failure: {ev.reason}"
+                    else:
+                        info.reason = info.reason or receiver.reason or ev.reason
+                elif isinstance(ev, GaveUp):
+                    if info.verified:
+                        info.exit_code = EXIT_NOT_ACKED
+                    info.reason = ev.reason
+            for msg in receiver.datagrams_to_send(now):
+                with contextlib.suppress(OSError):
+                    ctrl.sendto(codec.encode(msg), dp_addr)
+            if progress is not None and now >= next_progress:
+                next_progress = now + 0.5
+                progress(receiver.received, receiver.total)
+    except OutputError as exc:
+        info.exit_code, info.reason = EXIT_OUTPUT_FAILED, str(exc)
+        _report_failure(opts, offer, ctrl, dp_addr, info.reason)
+    finally:
+        sel.close()
+        data.close()
+        output.close()
+    if info.exit_code == EXIT_VERIFY_FAILED:
+        info.reason = "SHA-256 of the written image does not match the offer"
+    info.seconds = time.monotonic() - started
+    info.duplicates = receiver.duplicates
+    if progress is not None:
+        progress(receiver.received, receiver.total)
+    return info
+
+
+def _read_control(ctrl, dp_addr, receiver: Receiver, now: float) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(64):
+        try:
+            data, addr = ctrl.recvfrom(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        if addr[:2] != dp_addr[:2]:
+            continue
+        try:
+            msg = codec.decode(data, allowed=(Ack, Offer, NoSession))
+        except MessageError:
+            continue
+        receiver.handle_message(msg, now)
+
+
+def _report_failure(opts: ClientOptions, offer: Offer, ctrl, dp_addr, reason: str) -> None:  # type: ignore[no-untyped-def]
+    """Best effort: tell the DP why we stop (a few tries, bounded), so the site sees the reason."""
+    receiver = Receiver(offer, opts.client_id, time.monotonic(), report_timeout=5.0)
+    receiver.fail(reason, time.monotonic())
+    end = time.monotonic() + 5.0
+    while not receiver.done and time.monotonic() < end:
+        now = time.monotonic()
+        for msg in receiver.datagrams_to_send(now):
+            try:
+                ctrl.sendto(codec.encode(msg), dp_addr)
+            except OSError:
+                return
+        _read_control(ctrl, dp_addr, receiver, now)
+        receiver.handle_timer(now)
+        time.sleep(0.05)

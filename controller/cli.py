@@ -1,0 +1,216 @@
+"""``mcdeploy``: the operator's command line (and the controller worker, demo and one-machine site).
+
+Server side.  Every operator mistake (unknown image, unknown DP, no Redis)
+ends in one clear line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from mcproto.errors import McdeployError
+from mcproto.messages import ALL_MESSAGES, DeployRequest
+
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'64MiB', '64M', '1.5GB', '1000' -> bytes (K/M/G/T are binary with or without 'i')."""
+    m = SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MiB)")
+    num, unit, _ = m.groups()
+    power = " kmgt".index(unit.lower() or " ")
+    return int(float(num) * (1024**power))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcdeploy", description="Multicast OS-image deployment: operator CLI. "
+                                "Uses MCDEPLOY_REDIS_URL, or the site a running `mcdeploy up` published.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="a whole deployment on this machine (private Redis, real processes)")
+    d.add_argument("--clients", type=int, default=3, help="client agents to start (default 3)")
+    d.add_argument("--size", type=parse_size, default=64 * 1024 * 1024, help="random image size (default 64MiB)")
+    d.add_argument("--image", help="deploy this file instead of a random image")
+    d.add_argument("--loss", type=float, default=0.0, help="receive loss %% at each client (test feature)")
+    d.add_argument("--keep", metavar="DIR", help="leave each client's output in DIR")
+    d.add_argument("--json", action="store_true", help="last line of stdout: one JSON object of figures")
+    d.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
+    d.add_argument("--rate", type=float, default=800.0, help="max send rate in Mbit/s (default 800)")
+
+    u = sub.add_parser("up", help="run a one-machine site (Redis, controller worker, one DP) until Ctrl-C")
+    u.add_argument("--dp-name", default="local", help="name of the local DP (default local)")
+    u.add_argument("--control-port", type=int, default=47100, help="its UDP control port (default 47100)")
+    u.add_argument("--data-dir", help="keep the site's Redis data (AOF) here across restarts")
+
+    w = sub.add_parser("worker", help="run the controller worker (queue 'controller')")
+    w.add_argument("--concurrency", type=int, default=4)
+    w.add_argument("--loglevel", default="INFO")
+
+    s = sub.add_parser("schema", help="print the JSON Schema of every message and task body")
+    s.add_argument("--type", dest="msg_type", help="only this message type (e.g. deploy_request)")
+
+    img = sub.add_parser("image", help="manage images").add_subparsers(dest="image_cmd", required=True)
+    ia = img.add_parser("add", help="record a file as an image (size, SHA-256, location)")
+    ia.add_argument("path")
+    ia.add_argument("--name", help="image name (default: the file name)")
+    img.add_parser("list", help="list images")
+    ish = img.add_parser("show", help="show one image")
+    ish.add_argument("name")
+
+    dep = sub.add_parser("deploy", help="deploy an image from a DP")
+    dep.add_argument("image")
+    dep.add_argument("--dp", required=True, help="the DP that multicasts it")
+    dep.add_argument("--clients", type=int, default=0, help="expected clients: start when they joined")
+    dep.add_argument("--start-timeout", type=float, default=60.0,
+                     help="start with whoever joined after this many seconds (default 60)")
+    dep.add_argument("--rate", type=float, help="max rate in Mbit/s (default: the DP's)")
+    dep.add_argument("--idempotency-key", help="the same key twice makes one deployment")
+
+    st = sub.add_parser("status", help="deployments, or one deployment's clients")
+    st.add_argument("deployment", nargs="?")
+    st.add_argument("--json", action="store_true")
+
+    dp = sub.add_parser("dp", help="distribution points").add_subparsers(dest="dp_cmd", required=True)
+    dp.add_parser("list", help="registered DPs and whether they are alive")
+    return p
+
+
+def _state() -> Any:
+    from mcsite.settings import SiteSettings
+    from mcsite.site import resolve_redis_url
+    from mcsite.state import State
+
+    site = SiteSettings()
+    url = resolve_redis_url(site)
+    st = State.from_url(url, site.key_prefix)
+    st.ping()
+    return st, url
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        return _dispatch(args, console)
+    except McdeployError as exc:
+        print(f"mcdeploy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    if args.cmd == "demo":
+        from controller.demo import DemoOptions, run_demo
+
+        if args.clients < 1 or args.clients > 64:
+            print("mcdeploy: error: --clients must be between 1 and 64 for the demo", file=sys.stderr)
+            return 2
+        if not 0 <= args.loss < 100:
+            print("mcdeploy: error: --loss must be in [0, 100)", file=sys.stderr)
+            return 2
+        return run_demo(DemoOptions(clients=args.clients, size=args.size, image=args.image, loss=args.loss,
+                                    keep=args.keep, json=args.json, timeout=args.timeout,
+                                    max_rate_mbps=args.rate))
+    if args.cmd == "up":
+        from controller.up import run_up
+
+        return run_up(args.dp_name, args.control_port, args.data_dir)
+    if args.cmd == "worker":
+        from controller.worker import run_worker
+
+        return run_worker(args.concurrency, args.loglevel)
+    if args.cmd == "schema":
+        schemas = {m.model_fields["type"].default: m.model_json_schema() for m in ALL_MESSAGES}
+        if args.msg_type:
+            if args.msg_type not in schemas:
+                print(f"mcdeploy: error: unknown message type {args.msg_type!r} "
+                      f"(known: {', '.join(sorted(schemas))})", file=sys.stderr)
+                return 2
+            schemas = {args.msg_type: schemas[args.msg_type]}
+        print(json.dumps(schemas, indent=2))
+        return 0
+    state, url = _state()
+    if args.cmd == "image":
+        return _image(args, state, console)
+    if args.cmd == "deploy":
+        from controller import api
+        from mcsite.celeryapp import app, configure
+
+        configure(app, url)
+        req = DeployRequest(image=args.image, dp=args.dp, clients=args.clients,
+                            start_timeout_s=args.start_timeout, max_rate_mbps=args.rate,
+                            idempotency_key=args.idempotency_key)
+        dep_id, job, created = api.deploy(state, app, req)
+        verb = "created" if created else "already exists (same idempotency key)"
+        console.print(f"deployment {dep_id} {verb}: image {args.image} from DP {args.dp} on "
+                      f"{job.group}:{job.port}, expecting {args.clients} client(s)")
+        print(dep_id)
+        return 0
+    if args.cmd == "status":
+        return _status(args, state, console)
+    if args.cmd == "dp":
+        table = Table("DP", "alive", "control", "sessions", "version", "bad datagrams")
+        for name, info in state.list_dps():
+            table.add_row(name, "yes" if info else "[red]no[/]", (info or {}).get("control", "-"),
+                          (info or {}).get("sessions", "-"), (info or {}).get("version", "-"),
+                          (info or {}).get("bad_datagrams", "-"))
+        console.print(table)
+        return 0
+    return 2
+
+
+def _image(args: argparse.Namespace, state: Any, console: Console) -> int:
+    from controller import api
+
+    if args.image_cmd == "add":
+        rec = api.add_image(state, args.path, args.name)
+        console.print(f"image {rec['name']}: {int(rec['size'])} bytes, sha256 {rec['sha256']}, at {rec['path']}")
+        return 0
+    if args.image_cmd == "show":
+        console.print_json(json.dumps(state.get_image(args.name)))
+        return 0
+    table = Table("name", "bytes", "sha256", "path")
+    for rec in state.list_images():
+        table.add_row(rec["name"], rec["size"], rec["sha256"][:16] + "…", rec["path"])
+    console.print(table)
+    return 0
+
+
+def _status(args: argparse.Namespace, state: Any, console: Console) -> int:
+    if not args.deployment:
+        deps = state.list_deployments()
+        if args.json:
+            print(json.dumps(deps))
+            return 0
+        table = Table("deployment", "state", "image", "dp", "expected", "done", "failed", "reason")
+        for d in deps:
+            table.add_row(d["id"], d["state"], d["image"], d["dp"], d["expected"], d.get("clients_done", "0"),
+                          d.get("clients_failed", "0"), d.get("reason", ""))
+        console.print(table)
+        return 0
+    dep = state.get_deployment(args.deployment)
+    if args.json:
+        print(json.dumps(dep))
+        return 0
+    console.print(f"deployment {dep['id']}: [bold]{dep['state']}[/] — image {dep['image']} from DP {dep['dp']}, "
+                  f"{dep.get('clients_done', 0)}/{dep['expected']} done, {dep.get('clients_failed', 0)} failed "
+                  f"{dep.get('reason', '')}")
+    table = Table("client", "state", "seconds", "sha256", "reason")
+    names = sorted(set(dep["clients"]) | set(dep["progress"]))
+    for cid in names:
+        r = dep["clients"].get(cid)
+        table.add_row(cid, r["outcome"] if r else f"receiving ({dep['progress'].get(cid, 0)} symbols)",
+                      f"{r['seconds']:.2f}" if r else "-", (r.get("sha256") or "-")[:16] if r else "-",
+                      r.get("reason", "") if r else "")
+    console.print(table)
+    return 0

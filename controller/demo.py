@@ -1,0 +1,227 @@
+"""``mcdeploy demo``: a whole deployment on one machine, every role a real process.
+
+Server side.  Starts a private Redis (the embedded default), a controller
+worker, one DP agent and N client agents on loopback; makes a random image
+(or uses one); deploys it; shows live progress; prints a summary.  Exit 0
+only if every client verified its image and was acknowledged.  Everything it
+started is stopped again, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from controller import api
+from mcproto.errors import ConfigError
+from mcproto.messages import DeployRequest
+from mcsite.celeryapp import app, configure
+from mcsite.embedded_redis import EmbeddedRedis
+from mcsite.procs import ProcessGroup, python_module, site_env
+from mcsite.settings import ControllerSettings
+from mcsite.state import State
+
+
+@dataclass
+class DemoOptions:
+    clients: int = 3
+    size: int = 64 * 1024 * 1024
+    image: str | None = None
+    loss: float = 0.0
+    keep: str | None = None
+    json: bool = False
+    timeout: float = 300.0
+    max_rate_mbps: float = 800.0
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_image(path: str, size: int, seed: int | None = None) -> str:
+    """Write ``size`` random bytes to ``path``; returns the SHA-256."""
+    h = hashlib.sha256()
+    with open(path, "wb") as fh:
+        remaining = size
+        while remaining:
+            chunk = os.urandom(min(remaining, 4 * 1024 * 1024))
+            fh.write(chunk)
+            h.update(chunk)
+            remaining -= len(chunk)
+    return h.hexdigest()
+
+
+def run_demo(opts: DemoOptions) -> int:
+    """Run the demo; returns the process exit code."""
+    out = Console(stderr=opts.json)
+    err = Console(stderr=True)
+    workdir = tempfile.mkdtemp(prefix="mcdeploy-demo-")
+    outdir = opts.keep or workdir
+    os.makedirs(outdir, exist_ok=True)
+    procs = ProcessGroup()
+    redis = EmbeddedRedis()
+    try:
+        return _run(opts, out, err, workdir, outdir, procs, redis)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted: stopping everything the demo started[/]")
+        return 130
+    finally:
+        procs.stop()
+        redis.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: str, procs: ProcessGroup,
+         redis: EmbeddedRedis) -> int:
+    err.print("[bold]mcdeploy demo[/]: starting a private Redis, a controller worker, a DP agent and "
+              f"{opts.clients} client(s) on loopback")
+    redis.start()
+    configure(app, redis.url)
+    state = State.from_url(redis.url)
+    logdir = os.path.join(opts.keep or workdir, "logs")
+    os.makedirs(logdir, exist_ok=True)
+    env = site_env(redis.url)
+    port = free_udp_port()
+    ctl_log = open(os.path.join(logdir, "controller.log"), "wb")  # noqa: SIM115
+    dp_log = open(os.path.join(logdir, "dp.log"), "wb")  # noqa: SIM115
+    procs.spawn("controller", python_module("controller", "worker", "--loglevel", "WARNING"), env,
+                stdout=ctl_log, stderr=subprocess.STDOUT)
+    procs.spawn("dp", python_module("dpagent", "--name", "demo-dp", "--control-port", str(port),
+                                    "--max-rate-mbps", str(opts.max_rate_mbps), "--loglevel", "INFO"),
+                env, stdout=dp_log, stderr=subprocess.STDOUT)
+
+    if opts.image:
+        image_path = os.path.abspath(opts.image)
+        if not os.path.isfile(image_path):
+            raise ConfigError(f"no such image file: {image_path}")
+    else:
+        image_path = os.path.join(workdir, "demo-image.img")
+        make_image(image_path, opts.size)
+    image = api.add_image(state, image_path, name="demo-image")
+    size = int(image["size"])
+
+    deadline = time.monotonic() + 30
+    while state.get_dp("demo-dp") is None:
+        if time.monotonic() > deadline or procs.procs[1][1].poll() is not None:
+            raise ConfigError("the DP agent did not start; its log:\n" + _tail(os.path.join(logdir, "dp.log")))
+        time.sleep(0.1)
+
+    t0 = time.monotonic()
+    dep_id, job, _ = api.deploy(state, app, DeployRequest(
+        image="demo-image", dp="demo-dp", clients=opts.clients, start_timeout_s=30.0,
+        max_rate_mbps=opts.max_rate_mbps), ControllerSettings())
+    err.print(f"deployment [bold]{dep_id}[/]: {size / 2**20:.1f} MiB to {opts.clients} client(s) on "
+              f"{job.group}:{job.port}, receive loss {opts.loss:g} %")
+    clients = []
+    for i in range(opts.clients):
+        cid = f"demo-pc{i + 1}"
+        path = os.path.join(outdir, f"{cid}.img")
+        args = ["--dp", f"127.0.0.1:{port}", "--out", path, "--id", cid, "--json", "--quiet", "--wait", "60"]
+        if opts.loss:
+            args += ["--test-loss", str(opts.loss), "--test-seed", str(i + 1)]
+        proc = procs.spawn(cid, python_module("clientagent", *args), env, stdout=subprocess.PIPE,
+                           stderr=open(os.path.join(logdir, f"{cid}.log"), "wb"))  # noqa: SIM115
+        clients.append((cid, path, proc))
+
+    total_symbols = -(-size // 1400) or 1
+    results: dict[str, dict[str, Any]] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f} %"),
+                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err,
+                  transient=opts.json) as bar:
+        tasks = {cid: bar.add_task(cid, total=total_symbols, status="joining") for cid, _, _ in clients}
+        while True:
+            dep = state.get_deployment(dep_id)
+            for cid, _, proc in clients:
+                got = dep["progress"].get(cid, 0)
+                res = dep["clients"].get(cid)
+                status = res["outcome"] if res else ("receiving" if got else "joining")
+                if cid not in results and proc.poll() is not None:
+                    results[cid] = _client_json(proc)
+                    got = total_symbols if results[cid].get("exit_code") == 0 else got
+                bar.update(tasks[cid], completed=got, status=status)
+            if len(results) == len(clients) and dep.get("session_state") in ("finished", "failed"):
+                break
+            if len(results) == len(clients) and time.monotonic() - t0 > 10 + max(
+                    (r.get("seconds", 0) for r in results.values()), default=0):
+                break  # every client is out; don't wait forever for the controller's record
+            if time.monotonic() - t0 > opts.timeout:
+                err.print(f"[red]demo timed out after {opts.timeout:g} s[/]")
+                break
+            time.sleep(0.2)
+    seconds = time.monotonic() - t0
+    dep = state.get_deployment(dep_id)
+    return _summarize(opts, out, err, dep, clients, results, image, seconds, outdir)
+
+
+def _client_json(proc: subprocess.Popen[Any]) -> dict[str, Any]:
+    data = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    lines = [ln for ln in data.splitlines() if ln.startswith("{")]
+    try:
+        return json.loads(lines[-1]) if lines else {"exit_code": proc.returncode, "reason": "no result"}
+    except ValueError:
+        return {"exit_code": proc.returncode, "reason": "unreadable result"}
+
+
+def _tail(path: str, n: int = 20) -> str:
+    try:
+        with open(path, "rb") as fh:
+            return b"\n".join(fh.read().splitlines()[-n:]).decode(errors="replace")
+    except OSError:
+        return "(no log)"
+
+
+def _summarize(opts: DemoOptions, out: Console, err: Console, dep: dict[str, Any], clients: list[Any],
+               results: dict[str, dict[str, Any]], image: dict[str, str], seconds: float, outdir: str) -> int:
+    size = int(image["size"])
+    table = Table(title=f"deployment {dep.get('id')} — {dep.get('state')}")
+    for col in ("client", "verified", "acked", "bytes", "seconds", "MB/s", "recorded", "reason"):
+        table.add_column(col)
+    verified = acked = 0
+    transfer_seconds = 0.0
+    for cid, _path, _ in clients:
+        r = results.get(cid, {})
+        rec = dep["clients"].get(cid, {})
+        ok_v = bool(r.get("verified")) and r.get("sha256") == image["sha256"]
+        ok_a = bool(r.get("acknowledged")) and r.get("exit_code") == 0 and rec.get("outcome") == "done"
+        verified += ok_v
+        acked += ok_a
+        secs = float(r.get("seconds", 0.0))
+        transfer_seconds = max(transfer_seconds, secs)
+        table.add_row(cid, "yes" if ok_v else "[red]no[/]", "yes" if ok_a else "[red]no[/]", str(size),
+                      f"{secs:.2f}", f"{size / secs / 1e6:.1f}" if secs and ok_v else "-",
+                      rec.get("outcome", "-"), r.get("reason", "") if not ok_a else "")
+    out.print(table)
+    bytes_sent = int(dep.get("bytes_sent", 0) or 0)
+    summary = {
+        "clients": len(clients), "verified": verified, "acked": acked, "image_bytes": size,
+        "seconds": round(seconds, 3), "transfer_seconds": round(transfer_seconds, 3),
+        "mb_per_s": round(size / transfer_seconds / 1e6, 1) if transfer_seconds else 0.0,
+        "aggregate_mb_per_s": round(size * verified / transfer_seconds / 1e6, 1) if transfer_seconds else 0.0,
+        "loss_percent": opts.loss, "bytes_sent": bytes_sent,
+        "wire_overhead": round(bytes_sent / size, 3) if size else 0.0,
+        "deployment": dep.get("id"), "state": dep.get("state"),
+    }
+    ok = verified == acked == len(clients)
+    err.print(f"{'[green]OK' if ok else '[red]FAILED'}[/]: {verified}/{len(clients)} verified, "
+              f"{acked}/{len(clients)} acknowledged; {size / 2**20:.1f} MiB in {transfer_seconds:.2f} s per client "
+              f"({summary['mb_per_s']} MB/s), {seconds:.2f} s end to end, wire bytes {summary['wire_overhead']}x "
+              "the image")
+    if opts.keep:
+        err.print(f"outputs kept in {outdir}")
+    if opts.json:
+        print(json.dumps(summary))
+    return 0 if ok else 1

@@ -1,0 +1,63 @@
+"""Celery tasks the controller worker consumes on queue ``controller``.
+
+Server side.  Every body is validated by its pydantic model before anything
+is written (a malformed body fails the task with a one-line
+``MessageError`` and changes nothing); every write is idempotent because
+Celery on Redis delivers at least once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from controller import api
+from mcproto.codec import from_body
+from mcproto.messages import ClientResult, DeployRequest, SessionReport
+from mcsite.celeryapp import app
+from mcsite.settings import SiteSettings
+from mcsite.state import State
+
+log = logging.getLogger("mcdeploy.controller")
+
+_state: State | None = None
+_lock = threading.Lock()
+
+
+def state() -> State:
+    """The worker's state handle, bound to the broker's Redis."""
+    global _state
+    with _lock:
+        if _state is None:
+            _state = State.from_url(app.conf.broker_url, SiteSettings().key_prefix)
+        return _state
+
+
+@app.task(name="controller.client_result")
+def client_result(body: Any) -> dict[str, Any]:
+    """Record one client's terminal result (first result wins)."""
+    res = from_body(ClientResult, body)
+    new = state().record_client_result(res)
+    log.info("client result deployment=%s client=%s outcome=%s new=%s %s", res.deployment, res.client_id,
+             res.outcome, new, res.reason)
+    return {"recorded": new}
+
+
+@app.task(name="controller.session_report")
+def session_report(body: Any) -> dict[str, Any]:
+    """Advance a deployment's state from its DP's session report."""
+    rep = from_body(SessionReport, body)
+    moved = state().record_session_report(rep)
+    log.info("session report deployment=%s state=%s moved=%s %s", rep.deployment, rep.state, moved,
+             rep.reason)
+    return {"advanced": moved}
+
+
+@app.task(name="controller.deploy")
+def deploy(body: Any) -> dict[str, Any]:
+    """Create a deployment from a queue message (see ``mcdeploy schema`` for the body)."""
+    req = from_body(DeployRequest, body)
+    dep_id, _job, created = api.deploy(state(), app, req)
+    log.info("deploy trigger image=%s dp=%s deployment=%s created=%s", req.image, req.dp, dep_id, created)
+    return {"deployment": dep_id, "created": created}

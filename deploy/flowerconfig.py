@@ -1,0 +1,154 @@
+"""Flower configuration for an mcdeploy site.
+
+Use:  celery -A mcsite.celeryapp:app flower --conf=deploy/flowerconfig.py
+
+Flower (tornado.options) executes this file and takes every top-level name that matches one
+of its options (``port``, ``address``, ``basic_auth``, ``format_task``...).  Anything else is
+ignored, so helpers here start with ``_`` and the file imports only modules whose names are
+not Flower/tornado options (``logging`` is one: do not import it here).
+
+Environment:
+  FLOWER_BASIC_AUTH  required: ``user:password`` (several: ``u1:p1,u2:p2``; a password
+                     cannot contain a comma).  Flower refuses to start without it.
+  FLOWER_PORT        default 5555
+  FLOWER_ADDRESS     default 127.0.0.1 (put a TLS reverse proxy in front for remote access)
+
+Options given on the command line (``--port=...``) still override this file.
+"""
+
+import copy
+import os
+import threading
+
+_AUTH_ENV = "FLOWER_BASIC_AUTH"
+
+
+def _basic_auth_from_env() -> list[str]:
+    """The credentials from FLOWER_BASIC_AUTH, or SystemExit with a clear message."""
+    raw = os.environ.get(_AUTH_ENV, "").strip()
+    if not raw:
+        raise SystemExit(
+            f"mcdeploy flowerconfig: {_AUTH_ENV} is not set. Flower shows and controls every "
+            f"worker and task of the site, so it must not run without authentication. "
+            f"Set {_AUTH_ENV}=user:password (several: user1:pw1,user2:pw2) and start again."
+        )
+    pairs = [item.strip() for item in raw.split(",") if item.strip()]
+    for pair in pairs:
+        user, sep, password = pair.partition(":")
+        if not (sep and user and password):
+            raise SystemExit(
+                f"mcdeploy flowerconfig: {_AUTH_ENV} must be user:password pairs separated "
+                f"by commas, each with a non-empty user and password."
+            )
+    return pairs
+
+
+basic_auth = _basic_auth_from_env()
+port = int(os.environ.get("FLOWER_PORT", "5555"))
+address = os.environ.get("FLOWER_ADDRESS", "127.0.0.1")
+persistent = False
+max_tasks = 10000
+# Show kwargs and result on the tasks page: that is where format_task puts session progress.
+tasks_columns = "name,uuid,state,kwargs,result,received,runtime,worker"
+
+_MAX_CHARS = 200
+_SESSION_TASK = "dp.open_session"
+# Fields of the task-progress events sent by DP session tasks.  Never named like Flower's own
+# task attributes (sent, received, started, result, state...), which they would overwrite.
+_PROGRESS_FIELDS = (
+    "clients_joined",
+    "clients_done",
+    "clients_failed",
+    "bytes_sent",
+    "rate_mbps",
+    "percent",
+)
+
+
+def _shorten(value: object, limit: int = _MAX_CHARS) -> object:
+    """``value`` as text of at most ``limit`` characters (None stays None)."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(str(value))
+    except ValueError:
+        return None
+
+
+def _live_record(task: object) -> object | None:
+    """Flower's own record of ``task``, which holds the merged task-progress fields.
+
+    Flower 2.2 hands format_task ``copy.copy(task)``, and Celery's ``Task.__reduce__``
+    rebuilds the copy from ``Task._fields`` only, so the copy has lost every custom event
+    field.  The record itself lives in Flower's event thread (``flower.events.Events``,
+    attribute ``state``); it is read here, never written.  Internal to Flower: if it moves,
+    this returns None and the summary is simply not shown.
+    """
+    try:
+        from flower.events import Events
+    except ImportError:
+        return None
+    for thread in threading.enumerate():
+        state = getattr(thread, "state", None) if isinstance(thread, Events) else None
+        if state is not None:
+            return state.tasks.get(getattr(task, "uuid", None))
+    return None
+
+
+def _progress_summary(task: object) -> str | None:
+    """``joined=3 done=2 failed=0 sent=123MB 40.1Mb/s 67%`` from the last progress event."""
+    values = {name: _number(getattr(task, name, None)) for name in _PROGRESS_FIELDS}
+    if all(value is None for value in values.values()):
+        record = _live_record(task)
+        if record is not None:
+            values = {name: _number(getattr(record, name, None)) for name in _PROGRESS_FIELDS}
+    if all(value is None for value in values.values()):
+        return None
+
+    def count(name: str) -> str:
+        value = values[name]
+        return "?" if value is None else str(int(value))
+
+    sent, rate, percent = values["bytes_sent"], values["rate_mbps"], values["percent"]
+    return " ".join(
+        (
+            f"joined={count('clients_joined')}",
+            f"done={count('clients_done')}",
+            f"failed={count('clients_failed')}",
+            "sent=?" if sent is None else f"sent={sent / 1e6:.0f}MB",
+            "?Mb/s" if rate is None else f"{rate:.1f}Mb/s",
+            "?%" if percent is None else f"{percent:.0f}%",
+        )
+    )
+
+
+def format_task(task):
+    """Flower display hook: short args/kwargs, and a progress line for session tasks.
+
+    Flower 2.2 already passes a copy (``custom_format_task(copy.copy(task))``); copying
+    again is cheap and keeps Flower's stored task intact should that ever change.  Only
+    attributes of the copy are reassigned; nothing nested is mutated.  Progress fields are
+    read through ``_live_record`` because that copy no longer carries them.
+    """
+    task = copy.copy(task)
+    task.args = _shorten(task.args)
+    task.kwargs = _shorten(task.kwargs)
+    if task.name == _SESSION_TASK:
+        summary = _progress_summary(task)
+        if summary is not None:
+            if task.result is None:
+                task.result = summary
+            else:
+                task.result = _shorten(f"{summary} | {task.result}")
+    else:
+        task.result = _shorten(task.result)
+    return task

@@ -1,0 +1,3 @@
+from dpagent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""The DP's UDP control port: receives session-plane datagrams and routes them to sessions.
+
+Server side.  Untrusted input lands here first, so every datagram is size-
+checked and decoded by the one codec; anything malformed, oversized,
+wrong-version or for an unknown session is dropped and counted, and logged
+at most once per source every ``LOG_EVERY_S`` seconds, so a flood can
+neither crash the agent nor fill its log.  Sessions are never touched by bad
+input.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from mcproto import codec
+from mcproto.errors import MessageError
+from mcproto.messages import Done, Failed, Join, Message, NoSession, Status
+
+if TYPE_CHECKING:
+    from dpagent.session import SessionRunner
+
+log = logging.getLogger("mcdeploy.dp.host")
+
+LOG_EVERY_S = 10.0
+CLIENT_MESSAGES = (Join, Status, Done, Failed)
+LINGER_S = 120.0  # finished sessions still re-acknowledge late results this long
+
+
+class SessionHost:
+    """Owns the control socket and the table of sessions on this DP."""
+
+    def __init__(self, name: str, host: str, port: int) -> None:
+        self.name = name
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind((host, port))
+        except OSError as exc:
+            self.sock.close()
+            from mcproto.errors import ConfigError
+
+            raise ConfigError(f"cannot listen on UDP {host}:{port}: {exc.strerror}") from None
+        self.sock.settimeout(0.5)
+        self.address: tuple[str, int] = self.sock.getsockname()[:2]
+        self._sessions: dict[int, SessionRunner] = {}
+        self._finished: dict[int, tuple[float, SessionRunner]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_log: dict[str, float] = {}
+        self.bad_datagrams = 0
+        self.datagrams = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> SessionHost:
+        self._thread = threading.Thread(target=self._serve, name="dp-control", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            runners = list(self._sessions.values())
+        for r in runners:
+            r.abort("the DP agent is shutting down")
+        if self._thread:
+            self._thread.join(timeout=2)
+        self.sock.close()
+
+    def register(self, runner: SessionRunner) -> None:
+        with self._lock:
+            self._sessions[runner.session_id] = runner
+
+    def unregister(self, runner: SessionRunner) -> None:
+        with self._lock:
+            self._sessions.pop(runner.session_id, None)
+            self._finished[runner.session_id] = (time.monotonic(), runner)
+
+    def has_session(self, session_id: int) -> bool:
+        with self._lock:
+            return session_id in self._sessions or session_id in self._finished
+
+    @property
+    def active_sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def reply(self, msg: Message, addr: object) -> None:
+        try:
+            self.sock.sendto(codec.encode(msg), addr)  # type: ignore[arg-type]
+        except OSError as exc:
+            log.warning("reply to %s failed: %s", addr, exc)
+
+    # ------------------------------------------------------------------ receive path
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except TimeoutError:
+                self._purge()
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                continue
+            self.datagrams += 1
+            try:
+                self.handle_datagram(data, addr)
+            except Exception:  # a bug must not kill the control port
+                log.exception("error handling datagram from %s", addr)
+
+    def handle_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        """Decode, route, or drop-and-count one datagram."""
+        try:
+            msg = codec.decode(data, allowed=CLIENT_MESSAGES)
+        except MessageError as exc:
+            self._bad(addr, str(exc))
+            return
+        if isinstance(msg, Join):
+            runner = self._pick(msg)
+            if runner is None:
+                self.reply(NoSession(reason=f"no session on DP {self.name} for client {msg.client_id}",
+                                     retry_after_ms=2000), addr)
+                return
+        else:
+            with self._lock:
+                runner = self._sessions.get(msg.session_id)  # type: ignore[attr-defined]
+                if runner is None and msg.session_id in self._finished:  # type: ignore[attr-defined]
+                    runner = self._finished[msg.session_id][1]  # type: ignore[attr-defined]
+            if runner is None:
+                self._bad(addr, f"{msg.type} for unknown session")  # type: ignore[attr-defined]
+                return
+        runner.handle_inbound(msg, addr)
+
+    def _pick(self, join: Join) -> SessionRunner | None:
+        """The session a joining client belongs to: its deployment's, else the one waiting longest."""
+        with self._lock:
+            runners = [r for r in self._sessions.values() if not r.finished]
+        if join.deployment:
+            runners = [r for r in runners if r.deployment == join.deployment]
+        runners.sort(key=lambda r: (not r.knows(join.client_id), r.opened_at))
+        return runners[0] if runners else None
+
+    def _bad(self, addr: tuple[str, int], why: str) -> None:
+        self.bad_datagrams += 1
+        src = str(addr[0])
+        now = time.monotonic()
+        if now - self._last_log.get(src, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._last_log[src] = now
+            if len(self._last_log) > 10_000:
+                self._last_log.clear()
+            log.warning("dropped datagram from %s: %s (total dropped: %d)", src, why, self.bad_datagrams)
+
+    def _purge(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for sid in [s for s, (t, _) in self._finished.items() if now - t > LINGER_S]:
+                del self._finished[sid]

@@ -1,0 +1,191 @@
+"""Runs one multicast session: the socket/time adapter around :class:`mcproto.sender.Sender`.
+
+Server side.  The sans-I/O sender decides what to send and when; this module
+only moves bytes and time: it reads the image file, sends packets to the
+group, hands inbound session-plane messages (delivered by the
+:class:`~dpagent.host.SessionHost` thread) to the sender under a lock, and
+turns sender events into relayed results.  Replies to a client's ``Done`` go
+out only after its result was handed to the relay, so an ``Ack`` means
+"recorded or spooled", never "maybe".
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mcproto.events import ClientFinished, ClientJoined, SessionFinished, TransferStarted
+from mcproto.messages import ClientResult, Message, SessionJob, SessionReport
+from mcproto.sender import FINISHED, Sender, SenderConfig
+from mcsite.settings import DPSettings
+
+log = logging.getLogger("mcdeploy.dp.session")
+
+PROGRESS_EVERY_S = 1.0
+
+
+def open_data_socket(interface: str, ttl: int) -> socket.socket:
+    """A UDP socket that sends multicast out of ``interface`` only, with ``ttl``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(interface))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)  # clients may share this host
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+    sock.bind((interface, 0))
+    return sock
+
+
+class SessionRunner:
+    """One session's adapter; ``run()`` blocks until the session has finished."""
+
+    def __init__(self, job: SessionJob, settings: DPSettings, reply: Callable[[Message, object], None],
+                 relay: Any, progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.job = job
+        self.session_id = job.session_id
+        self.deployment = job.deployment
+        self.settings = settings
+        self.opened_at = time.monotonic()
+        rate_mbps = min(job.max_rate_mbps or settings.max_rate_mbps, settings.max_rate_mbps)
+        self.config = SenderConfig(
+            session_id=job.session_id, deployment=job.deployment, group=job.group, port=job.port,
+            image_size=job.image.size, image_sha256=job.image.sha256, symbol_size=settings.symbol_size,
+            block_symbols=settings.block_symbols, expected_clients=job.expected_clients,
+            start_timeout=job.start_timeout_s, max_rate=rate_mbps * 1e6 / 8, deadline=job.deadline_s,
+        )
+        self._file = open(job.image.path, "rb")  # noqa: SIM115 - closed in run()
+        self.sender = Sender(self.config, self._read, self.opened_at)
+        self._reply = reply
+        self._relay = relay
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._abort_reason = ""
+        self.send_errors = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.sender.state == FINISHED
+
+    def knows(self, client_id: str) -> bool:
+        return client_id in self.sender.clients
+
+    def _read(self, offset: int, length: int) -> bytes:
+        self._file.seek(offset)
+        return self._file.read(length)
+
+    # ------------------------------------------------------------------ called from the host thread
+
+    def handle_inbound(self, msg: Message, addr: object) -> None:
+        """A decoded client message: feed the sender, relay events, then send replies."""
+        with self._lock:
+            self.sender.handle_message(msg, addr, time.monotonic())
+            events, replies = self._drain()
+        self._dispatch(events, replies)
+        self._wake.set()
+
+    def abort(self, reason: str) -> None:
+        self._abort_reason = reason
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the send loop
+
+    def run(self) -> dict[str, Any]:
+        """Send until the session finishes; returns final statistics."""
+        sock = open_data_socket(self.settings.mcast_interface, self.settings.mcast_ttl)
+        dest = (self.job.group, self.job.port)
+        next_progress = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                with self._lock:
+                    if self._abort_reason:
+                        self.sender.abort(self._abort_reason, now)
+                    self.sender.handle_timer(now)
+                    pkts = self.sender.datagrams_to_send(now, 64)
+                    events, replies = self._drain()
+                    timer = self.sender.get_timer()
+                for pkt in pkts:
+                    try:
+                        sock.sendto(pkt, dest)
+                    except OSError:
+                        self.send_errors += 1
+                self._dispatch(events, replies)
+                if now >= next_progress:
+                    next_progress = now + PROGRESS_EVERY_S
+                    self._report_progress(now)
+                if self.finished and timer == float("inf"):
+                    break
+                delay = timer - time.monotonic()
+                if delay > 0:
+                    self._wake.wait(min(delay, 0.1))
+                    self._wake.clear()
+        finally:
+            sock.close()
+            self._file.close()
+        self._report_progress(time.monotonic())
+        return self.stats()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            s = dict(self.sender.stats())
+        s["session_state"] = s.pop("state")
+        elapsed = max(1e-6, time.monotonic() - (self.sender.started_at or self.opened_at))
+        s["rate_mbps"] = round(s["bytes_sent"] * 8 / elapsed / 1e6, 1)
+        s["finish_reason"] = self.sender.finish_reason or self._abort_reason
+        return s
+
+    # ------------------------------------------------------------------ helpers
+
+    def _drain(self) -> tuple[list[Any], list[tuple[Message, object]]]:
+        events = []
+        while (ev := self.sender.next_event()) is not None:
+            events.append(ev)
+        return events, self.sender.replies()  # type: ignore[return-value]
+
+    def _dispatch(self, events: list[Any], replies: list[tuple[Message, object]]) -> None:
+        job = self.job
+        for ev in events:
+            if isinstance(ev, ClientJoined):
+                log.info("client joined deployment=%s client=%s from=%s", job.deployment, ev.client_id,
+                         ev.address)
+            elif isinstance(ev, TransferStarted):
+                log.info("transfer started deployment=%s clients=%d reason=%s", job.deployment, ev.clients,
+                         ev.reason)
+                self._relay.send(self._report("transferring"))
+            elif isinstance(ev, ClientFinished):
+                log.info("client %s deployment=%s client=%s %s", ev.outcome, job.deployment, ev.client_id,
+                         ev.reason)
+                self._relay.send(ClientResult(
+                    deployment=job.deployment, session_id=job.session_id, dp=job.dp, client_id=ev.client_id,
+                    outcome=ev.outcome, sha256=ev.sha256, reason=ev.reason[:500], bytes=ev.bytes,
+                    seconds=round(ev.seconds, 6), address=ev.address[:128],
+                ))
+            elif isinstance(ev, SessionFinished):
+                log.info("session finished deployment=%s done=%d failed=%d reason=%s", job.deployment,
+                         ev.clients_done, ev.clients_failed, ev.reason)
+        for msg, addr in replies:
+            self._reply(msg, addr)
+
+    def _report(self, state: str, reason: str = "") -> SessionReport:
+        s = self.sender.stats()
+        return SessionReport(
+            deployment=self.job.deployment, session_id=self.job.session_id, dp=self.job.dp, state=state,
+            reason=reason[:500], clients_joined=int(s["clients_joined"]), clients_done=int(s["clients_done"]),
+            clients_failed=int(s["clients_failed"]), bytes_sent=int(s["bytes_sent"]),
+            seconds=round(time.monotonic() - self.opened_at, 3),
+        )
+
+    def final_report(self) -> SessionReport:
+        return self._report("finished", self.sender.finish_reason)
+
+    def _report_progress(self, now: float) -> None:
+        with self._lock:
+            per_client = {c.client_id: c.received for c in self.sender.clients.values()}
+        self._relay.progress(self.job.deployment, per_client)
+        self._relay.flush()
+        if self._progress is not None:
+            self._progress(self.stats())

@@ -1,0 +1,81 @@
+"""Celery tasks a DP agent consumes on its queue ``dp.<name>``.
+
+Server side.  ``dp.open_session`` is acked early (Celery's default): a
+session can run for hours and must never be redelivered to a second sender.
+Instead the session takes a lease in Redis with a fencing number; a
+duplicate delivery finds the lease held (or the session known to this host)
+and does nothing.  The task runs for the session's whole life so Flower
+shows it, with ``task-progress`` events carrying the session's figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from dpagent import runtime
+from dpagent.session import SessionRunner
+from dpagent.staging import verify_content
+from mcproto.codec import from_body
+from mcproto.errors import MessageError
+from mcproto.messages import SessionJob, SessionReport
+from mcsite.celeryapp import app
+
+log = logging.getLogger("mcdeploy.dp.tasks")
+
+LEASE_TTL_S = 30.0
+PROGRESS_FIELDS = ("clients_joined", "clients_done", "clients_failed", "bytes_sent", "rate_mbps", "percent",
+                   "session_state")
+
+
+@app.task(name="dp.open_session", bind=True)
+def open_session(self: Any, body: Any) -> dict[str, Any]:
+    """Run one multicast session for a deployment; returns its final figures."""
+    job = from_body(SessionJob, body)
+    rt = runtime.current()
+    if job.dp != rt.settings.name:
+        raise MessageError(f"job for DP {job.dp!r} reached DP {rt.settings.name!r}")
+    if rt.host.has_session(job.session_id):
+        return {"state": "duplicate", "reason": "session already running or finished on this DP"}
+    holder = f"{rt.settings.name}:{self.request.hostname or ''}"
+    fence = rt.state.acquire_lease(job.session_id, holder, LEASE_TTL_S)
+    if fence is None:
+        return {"state": "duplicate", "reason": "session lease held by another sender"}
+
+    def report(state: str, reason: str = "") -> None:
+        rt.relay.send(SessionReport(deployment=job.deployment, session_id=job.session_id, dp=job.dp,
+                                    state=state, reason=reason[:500]))
+
+    try:
+        problem = verify_content(job.image)
+        if problem:
+            log.error("session refused deployment=%s: %s", job.deployment, problem)
+            report("failed", problem)
+            return {"state": "failed", "reason": problem}
+        last_event = [0.0]
+
+        def progress(stats: dict[str, Any]) -> None:
+            fields = {k: stats[k] for k in PROGRESS_FIELDS if k in stats}
+            self.update_state(state="PROGRESS", meta=fields)
+            now = time.monotonic()
+            if now - last_event[0] >= 1.0:
+                last_event[0] = now
+                self.send_event("task-progress", **fields)
+            if not rt.state.renew_lease(job.session_id, holder, fence, LEASE_TTL_S):
+                runner.abort("session lease lost")
+
+        runner = SessionRunner(job, rt.settings, rt.host.reply, rt.relay, progress)
+        rt.host.register(runner)
+        report("waiting")
+        log.info("session open deployment=%s session=%x group=%s:%d image=%s expected=%d",
+                 job.deployment, job.session_id, job.group, job.port, job.image.name, job.expected_clients)
+        try:
+            stats = runner.run()
+        finally:
+            rt.host.unregister(runner)
+        rt.relay.send(runner.final_report())
+        return {"state": "finished", **stats}
+    finally:
+        rt.state.release_lease(job.session_id, holder, fence)
+

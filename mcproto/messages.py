@@ -1,0 +1,198 @@
+"""Every coordination message of mcdeploy as a strict pydantic v2 model.
+
+Pure: no I/O.  Wire discipline (as msgspec teaches): every message has a ``type``
+tag and a protocol ``version``; new fields get defaults; nothing is reordered or
+reused; unknown fields are rejected.  Two families live here:
+
+* session plane (client <-> DP agent, unicast msgpack datagrams):
+  ``Join``, ``Offer``, ``NoSession``, ``Status``, ``Done``, ``Failed``, ``Ack``;
+* control plane (Celery task bodies between controller and DP agents):
+  ``DeployRequest``, ``SessionJob``, ``ClientResult``, ``SessionReport``.
+
+Task bodies stay plain JSON-compatible values (Flower renders them as JSON).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from mcproto import PROTOCOL_VERSION
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Reason = Annotated[str, StringConstraints(max_length=500)]
+SessionId = Annotated[int, Field(ge=1, lt=2**64)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+# A missing-symbol range as [first_index, count]; lists, not tuples, because
+# msgpack round-trips tuples as lists.
+SymbolRange = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
+
+MAX_RANGES_PER_STATUS = 64
+
+
+class Message(BaseModel):
+    """Base of all coordination messages: strict, frozen, no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    version: int = PROTOCOL_VERSION
+
+
+# --------------------------------------------------------------------------- session plane
+
+
+class Join(Message):
+    """Client -> DP: who I am and, optionally, which deployment I expect."""
+
+    type: Literal["join"] = "join"
+    client_id: Name
+    deployment: Name | None = None
+    mac: Annotated[str, StringConstraints(max_length=64)] | None = None
+    smbios_uuid: Annotated[str, StringConstraints(max_length=64)] | None = None
+    agent: Annotated[str, StringConstraints(max_length=64)] = ""
+
+
+class Offer(Message):
+    """DP -> client: the session to join and everything needed to receive it."""
+
+    type: Literal["offer"] = "offer"
+    session_id: SessionId
+    deployment: Name
+    group: Annotated[str, StringConstraints(max_length=64)]
+    port: Port
+    image_size: Annotated[int, Field(ge=0)]
+    image_sha256: Sha256Hex
+    symbol_size: Annotated[int, Field(ge=16, le=65000)]
+    block_symbols: Annotated[int, Field(ge=1, le=65536)]
+    feedback_interval_ms: Annotated[int, Field(ge=5, le=10_000)] = 50
+
+
+class NoSession(Message):
+    """DP -> client: nothing to join now; ``retry_after_ms`` > 0 means "wait and ask again"."""
+
+    type: Literal["no_session"] = "no_session"
+    reason: Reason
+    retry_after_ms: Annotated[int, Field(ge=0, le=3_600_000)] = 0
+
+
+class Status(Message):
+    """Client -> DP: progress and the symbols still missing (NAK), as compact ranges."""
+
+    type: Literal["status"] = "status"
+    session_id: SessionId
+    client_id: Name
+    received: Annotated[int, Field(ge=0)]
+    missing: Annotated[list[SymbolRange], Field(max_length=MAX_RANGES_PER_STATUS)] = []
+
+
+class Done(Message):
+    """Client -> DP: the image is complete and verified; carries the digest computed."""
+
+    type: Literal["done"] = "done"
+    session_id: SessionId
+    client_id: Name
+    sha256: Sha256Hex
+    bytes: Annotated[int, Field(ge=0)]
+    seconds: Annotated[float, Field(ge=0)]
+
+
+class Failed(Message):
+    """Client -> DP: the client gives up, and why."""
+
+    type: Literal["failed"] = "failed"
+    session_id: SessionId
+    client_id: Name
+    reason: Reason
+
+
+class Ack(Message):
+    """DP -> client: your result was recorded (and relayed); ``outcome`` is what we recorded."""
+
+    type: Literal["ack"] = "ack"
+    session_id: SessionId
+    client_id: Name
+    outcome: Literal["done", "failed"]
+    reason: Reason = ""
+
+
+# --------------------------------------------------------------------------- control plane
+
+
+class DeployRequest(Message):
+    """Anyone -> controller (task ``controller.deploy``): deploy an image from a DP.
+
+    ``idempotency_key``: the same request twice makes one deployment.
+    """
+
+    type: Literal["deploy_request"] = "deploy_request"
+    image: Name
+    dp: Name
+    clients: Annotated[int, Field(ge=0, le=100_000)] = 0
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    start_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    max_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
+
+
+class ImageRef(Message):
+    """Where an image's content lives and what it must hash to."""
+
+    type: Literal["image_ref"] = "image_ref"
+    name: Name
+    path: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    size: Annotated[int, Field(ge=0)]
+    sha256: Sha256Hex
+
+
+class SessionJob(Message):
+    """Controller -> DP agent (task ``dp.open_session``): run one multicast session."""
+
+    type: Literal["session_job"] = "session_job"
+    deployment: Name
+    session_id: SessionId
+    dp: Name
+    image: ImageRef
+    group: Annotated[str, StringConstraints(max_length=64)]
+    port: Port
+    expected_clients: Annotated[int, Field(ge=0, le=100_000)] = 0
+    start_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    max_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    deadline_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = 4 * 3600.0
+
+
+class ClientResult(Message):
+    """DP agent -> controller (task ``controller.client_result``): one client's outcome."""
+
+    type: Literal["client_result"] = "client_result"
+    deployment: Name
+    session_id: SessionId
+    dp: Name
+    client_id: Name
+    outcome: Literal["done", "failed"]
+    sha256: Sha256Hex | None = None
+    reason: Reason = ""
+    bytes: Annotated[int, Field(ge=0)] = 0
+    seconds: Annotated[float, Field(ge=0)] = 0.0
+    address: Annotated[str, StringConstraints(max_length=128)] = ""
+
+
+class SessionReport(Message):
+    """DP agent -> controller (task ``controller.session_report``): session lifecycle."""
+
+    type: Literal["session_report"] = "session_report"
+    deployment: Name
+    session_id: SessionId
+    dp: Name
+    state: Literal["waiting", "transferring", "finished", "failed"]
+    reason: Reason = ""
+    clients_joined: Annotated[int, Field(ge=0)] = 0
+    clients_done: Annotated[int, Field(ge=0)] = 0
+    clients_failed: Annotated[int, Field(ge=0)] = 0
+    bytes_sent: Annotated[int, Field(ge=0)] = 0
+    seconds: Annotated[float, Field(ge=0)] = 0.0
+
+
+SESSION_PLANE: tuple[type[Message], ...] = (Join, Offer, NoSession, Status, Done, Failed, Ack)
+CONTROL_PLANE: tuple[type[Message], ...] = (DeployRequest, SessionJob, ClientResult, SessionReport)
+ALL_MESSAGES: tuple[type[Message], ...] = (*SESSION_PLANE, *CONTROL_PLANE, ImageRef)

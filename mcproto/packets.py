@@ -1,0 +1,92 @@
+"""Binary data-plane packets: what the DP sends on the multicast group.
+
+Pure: no I/O.  Image bytes are not coordination messages, so they are not
+msgpack: a fixed 24-byte header, the payload, and room for an authentication
+tag (``tag_len`` bytes after the payload; 0 until packets are authenticated).
+
+Header, network byte order::
+
+    0      2    3     4      5        6            8           16      20       24
+    | "MC" | ver | kind | flags | tag_len | payload_len | session | block | symbol |
+
+* DATA: ``block``/``symbol`` locate the payload; global symbol index is
+  ``block * block_symbols + symbol``; payload offset is ``index * symbol_size``.
+* HEARTBEAT: payload is ``!QQB`` = (total symbols, symbols sent so far in this
+  pass, heartbeat flags).  Receivers learn from it how far the sender got, so
+  they can ask for tail symbols lost at the end of a pass.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from mcproto.errors import PacketError
+
+MAGIC = b"MC"
+PACKET_VERSION = 1
+KIND_DATA = 1
+KIND_HEARTBEAT = 2
+
+HEADER = struct.Struct("!2sBBBBHQII")
+HEADER_SIZE = HEADER.size  # 24
+HEARTBEAT_BODY = struct.Struct("!QQB")
+
+HB_END_OF_PASS = 0x01  # the sender has sent every symbol at least once
+HB_FINISHED = 0x02  # the session is over; receivers still incomplete should give up
+
+# 1,400-byte payloads + 24-byte header + 8 UDP + 40 IPv6 = 1,472 < 1,500 MTU:
+# never rely on IP fragmentation, which is ruinous under loss.
+DEFAULT_SYMBOL_SIZE = 1400
+MAX_DATAGRAM = 65507
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Sender progress announced on the group."""
+
+    session_id: int
+    total_symbols: int
+    sent_through: int
+    flags: int
+
+
+def encode_data(session_id: int, block: int, symbol: int, payload: bytes | memoryview) -> bytes:
+    """One DATA datagram; the caller guarantees ``payload`` fits the negotiated symbol size."""
+    return HEADER.pack(MAGIC, PACKET_VERSION, KIND_DATA, 0, 0, len(payload), session_id, block, symbol) + payload
+
+
+def encode_heartbeat(session_id: int, total_symbols: int, sent_through: int, flags: int) -> bytes:
+    """One HEARTBEAT datagram."""
+    body = HEARTBEAT_BODY.pack(total_symbols, sent_through, flags)
+    return HEADER.pack(MAGIC, PACKET_VERSION, KIND_HEARTBEAT, 0, 0, len(body), session_id, 0, 0) + body
+
+
+def parse_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int]:
+    """Validate framing; returns (kind, session_id, block, symbol, payload_len).
+
+    Raises :class:`PacketError` for anything that is not a well-formed packet of
+    our version.  The payload is ``data[HEADER_SIZE:HEADER_SIZE + payload_len]``.
+    """
+    if len(data) < HEADER_SIZE:
+        raise PacketError(f"short packet ({len(data)} bytes)")
+    magic, ver, kind, _flags, tag_len, plen, session, block, symbol = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise PacketError("bad magic")
+    if ver != PACKET_VERSION:
+        raise PacketError(f"unsupported packet version {ver}")
+    if kind not in (KIND_DATA, KIND_HEARTBEAT):
+        raise PacketError(f"unknown packet kind {kind}")
+    if HEADER_SIZE + plen + tag_len != len(data):
+        raise PacketError("length mismatch")
+    return kind, session, block, symbol, plen
+
+
+def parse_heartbeat(session_id: int, payload: bytes | memoryview) -> Heartbeat:
+    """Decode a HEARTBEAT payload."""
+    if len(payload) != HEARTBEAT_BODY.size:
+        raise PacketError("bad heartbeat length")
+    total, sent, flags = HEARTBEAT_BODY.unpack(payload)
+    if sent > total:
+        raise PacketError("heartbeat beyond end of image")
+    return Heartbeat(session_id, total, sent, flags)

@@ -1,0 +1,112 @@
+"""Settings of every server-side component: one pydantic-settings model each.
+
+Server side only.  Sources, highest first: constructor arguments, environment
+variables (``MCDEPLOY_...``), the TOML file named by ``MCDEPLOY_CONFIG`` (tables
+``[site]``, ``[controller]``, ``[dp]``), then the defaults below.  Defaults are
+safe: multicast stays on loopback (127.0.0.1, TTL 1) until an administrator
+names a real interface.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class _Component(BaseSettings):
+    """Shared source order; subclasses name their TOML table in ``toml_table``."""
+
+    toml_table: ClassVar[str] = ""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("MCDEPLOY_CONFIG")
+        if path:
+            sources.append(_TableSource(settings_cls, path, cls.toml_table))
+        return tuple(sources)
+
+
+class _TableSource(PydanticBaseSettingsSource):
+    """Reads one table of the site TOML file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str, table: str) -> None:
+        super().__init__(settings_cls)
+        import tomllib
+
+        from mcproto.errors import ConfigError
+
+        try:
+            with open(path, "rb") as fh:
+                self._data: dict[str, Any] = tomllib.load(fh).get(table, {})
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read MCDEPLOY_CONFIG={path}: {exc}") from None
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class SiteSettings(_Component):
+    """Where the site's state and queues live."""
+
+    model_config = SettingsConfigDict(env_prefix="MCDEPLOY_", extra="ignore")
+    toml_table: ClassVar[str] = "site"
+
+    redis_url: str = Field("", description="Redis URL for broker, results and state; empty = the "
+                           "running `mcdeploy up` site, else an error telling how to get one.")
+    key_prefix: str = Field("mcd", description="Prefix of every state key in Redis.")
+    site_file: str = Field("", description="Where `mcdeploy up` publishes its Redis URL; empty = "
+                           "$XDG_RUNTIME_DIR/mcdeploy/site.json or ~/.cache/mcdeploy/site.json.")
+
+
+class ControllerSettings(_Component):
+    """Central allocation of multicast groups and ports, and deployment defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="MCDEPLOY_CONTROLLER_", extra="ignore")
+    toml_table: ClassVar[str] = "controller"
+
+    group_prefix: str = Field("239.255.77.", description="Sessions get groups prefix+1..254 "
+                              "(administratively scoped IPv4, RFC 2365).")
+    port_min: int = Field(47200, ge=1024, le=65535, description="Lowest data port for sessions.")
+    port_max: int = Field(47999, ge=1024, le=65535, description="Highest data port for sessions.")
+    start_timeout_s: float = Field(60.0, gt=0, description="Start with whoever joined after this.")
+
+
+class DPSettings(_Component):
+    """One distribution point agent."""
+
+    model_config = SettingsConfigDict(env_prefix="MCDEPLOY_DP_", extra="ignore")
+    toml_table: ClassVar[str] = "dp"
+
+    name: str = Field("dp1", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Queue is dp.<name>.")
+    control_host: str = Field("127.0.0.1", description="Address of the UDP control port.")
+    control_port: int = Field(47100, ge=0, le=65535, description="UDP port clients join on "
+                              "(0 = any free port, for tests).")
+    advertise_host: str = Field("", description="Address clients should use; empty = control_host.")
+    mcast_interface: str = Field("127.0.0.1", description="IPv4 address of the interface multicast "
+                                 "leaves by.  Loopback by default: set the DP's LAN address to "
+                                 "serve real clients.")
+    mcast_ttl: int = Field(1, ge=0, le=255, description="Multicast TTL; 1 keeps it on the link.")
+    max_rate_mbps: float = Field(400.0, gt=0, description="Ceiling of any session's send rate.")
+    symbol_size: int = Field(1400, ge=256, le=8900, description="Payload bytes per datagram; "
+                             "1,400 + 24-byte header fits a 1,500-byte MTU without fragmenting.")
+    block_symbols: int = Field(512, ge=1, le=65536, description="Symbols per block.")
+    concurrency: int = Field(4, ge=1, le=64, description="Sessions this agent runs at once.")
+    heartbeat_s: float = Field(5.0, gt=0, description="How often the agent registers itself.")
