@@ -8,10 +8,12 @@ ignored, so helpers here start with ``_`` and the file imports only modules whos
 not Flower/tornado options (``logging`` is one: do not import it here).
 
 Environment:
-  FLOWER_BASIC_AUTH  required: ``user:password`` (several: ``u1:p1,u2:p2``; a password
-                     cannot contain a comma).  Flower refuses to start without it.
-  FLOWER_PORT        default 5555
-  FLOWER_ADDRESS     default 127.0.0.1 (put a TLS reverse proxy in front for remote access)
+  FLOWER_BASIC_AUTH   required: ``user:password`` (several: ``u1:p1,u2:p2``; a password
+                      cannot contain a comma).  Flower refuses to start without it.
+  FLOWER_PORT         default 5555
+  FLOWER_ADDRESS      default 127.0.0.1 (put a TLS reverse proxy in front for remote access)
+  MCDEPLOY_REDIS_URL  the site's Redis, as for every mcdeploy role (empty: the site a running
+                      ``mcdeploy up`` published).  ``celery --broker=...`` overrides it.
 
 Options given on the command line (``--port=...``) still override this file.
 """
@@ -43,7 +45,29 @@ def _basic_auth_from_env() -> list[str]:
     return pairs
 
 
+def _configure_site_app() -> None:
+    """Point mcsite's Celery app at the site's Redis with the site's serializers.
+
+    ``celery -A mcsite.celeryapp:app`` imports the app unconfigured; the mcdeploy commands
+    call ``mcsite.celeryapp.configure`` themselves, and so does this file for Flower (it runs
+    before Flower connects).  ``celery --broker=URL`` (CELERY_BROKER_URL) still wins.
+    """
+    try:
+        from mcproto.errors import McdeployError
+        from mcsite.celeryapp import app as site_app
+        from mcsite.celeryapp import configure
+        from mcsite.site import resolve_redis_url
+    except ImportError as exc:
+        raise SystemExit(f"mcdeploy flowerconfig: mcdeploy is not importable here: {exc}") from None
+    try:
+        configure(site_app, resolve_redis_url())
+    except McdeployError as exc:
+        raise SystemExit(f"mcdeploy flowerconfig: {exc}") from None
+
+
 basic_auth = _basic_auth_from_env()
+if not os.environ.get("CELERY_BROKER_URL"):
+    _configure_site_app()
 port = int(os.environ.get("FLOWER_PORT", "5555"))
 address = os.environ.get("FLOWER_ADDRESS", "127.0.0.1")
 persistent = False
@@ -62,6 +86,7 @@ _PROGRESS_FIELDS = (
     "bytes_sent",
     "rate_mbps",
     "percent",
+    "session_state",
 )
 
 
@@ -105,14 +130,14 @@ def _live_record(task: object) -> object | None:
 
 
 def _progress_summary(task: object) -> str | None:
-    """``joined=3 done=2 failed=0 sent=123MB 40.1Mb/s 67%`` from the last progress event."""
-    values = {name: _number(getattr(task, name, None)) for name in _PROGRESS_FIELDS}
-    if all(value is None for value in values.values()):
-        record = _live_record(task)
-        if record is not None:
-            values = {name: _number(getattr(record, name, None)) for name in _PROGRESS_FIELDS}
-    if all(value is None for value in values.values()):
-        return None
+    """``transferring joined=3 done=2 failed=0 sent=123MB 40.1Mb/s 67%`` (last progress event)."""
+    source = task
+    if all(getattr(task, name, None) is None for name in _PROGRESS_FIELDS):
+        source = _live_record(task)
+        if source is None or all(getattr(source, name, None) is None for name in _PROGRESS_FIELDS):
+            return None
+    values = {name: _number(getattr(source, name, None)) for name in _PROGRESS_FIELDS}
+    phase = getattr(source, "session_state", None)
 
     def count(name: str) -> str:
         value = values[name]
@@ -121,6 +146,7 @@ def _progress_summary(task: object) -> str | None:
     sent, rate, percent = values["bytes_sent"], values["rate_mbps"], values["percent"]
     return " ".join(
         (
+            phase if isinstance(phase, str) and phase else "session",
             f"joined={count('clients_joined')}",
             f"done={count('clients_done')}",
             f"failed={count('clients_failed')}",

@@ -59,7 +59,7 @@ fi
 # Wait up to about 2 minutes for an IPv4 address other than loopback/link-local.
 if command -v ip >/dev/null 2>&1; then
     tries=0
-    until ip -4 -o addr show scope global 2>/dev/null | grep -q inet; do
+    until ip -4 addr 2>/dev/null | grep 'inet ' | grep -qv -e ' 127\.' -e ' 169\.254\.'; do
         tries=$((tries + 1))
         [ "$tries" -ge 60 ] && fail 3 "no IPv4 address after about 2 minutes (NIC driver? DHCP?)"
         sleep 2

@@ -1,0 +1,128 @@
+"""Fixtures that start real parts: a private Redis per test session, real worker processes.
+
+Nothing here touches a Redis or a port it did not start: the Redis is the
+embedded default (its own port, password and temp dir), DP control ports are
+picked free, multicast stays on 127.0.0.1 with TTL 1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mcsite.celeryapp import app, configure
+from mcsite.embedded_redis import EmbeddedRedis
+from mcsite.procs import ProcessGroup, python_module, site_env
+from mcsite.state import State
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@dataclass
+class Site:
+    """A running site: controller worker and one DP agent on the test's Redis."""
+
+    url: str
+    state: State
+    dp: str
+    control_port: int
+    env: dict[str, str]
+    procs: ProcessGroup
+    logdir: Path
+
+    @property
+    def dp_addr(self) -> str:
+        return f"127.0.0.1:{self.control_port}"
+
+    def client(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a client agent to completion."""
+        return subprocess.run(python_module("clientagent", "--dp", self.dp_addr, *args), env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def spawn_client(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(python_module("clientagent", "--dp", self.dp_addr, *args), env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def mcdeploy(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(python_module("controller", *args), env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def log(self, name: str) -> str:
+        return (self.logdir / f"{name}.log").read_text(errors="replace")
+
+
+def start_site(redis_server: EmbeddedRedis, tmp: Path, dp: str) -> Site:
+    configure(app, redis_server.url)
+    state = State.from_url(redis_server.url)
+    port = free_udp_port()
+    env = site_env(redis_server.url, MCDEPLOY_DP_MAX_RATE_MBPS="800", MCDEPLOY_DP_HEARTBEAT_S="0.5")
+    procs = ProcessGroup()
+    logdir = tmp / "logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    procs.spawn("controller", python_module("controller", "worker", "--loglevel", "INFO"), env,
+                stdout=open(logdir / "controller.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    procs.spawn("dp", python_module("dpagent", "--name", dp, "--control-port", str(port)), env,
+                stdout=open(logdir / "dp.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    deadline = time.monotonic() + 30
+    while state.get_dp(dp) is None or not _worker_ready(logdir / "controller.log"):
+        if time.monotonic() > deadline:
+            procs.stop()
+            raise RuntimeError("site did not start: " + (logdir / "dp.log").read_text()[-2000:])
+        time.sleep(0.1)
+    return Site(redis_server.url, state, dp, port, env, procs, logdir)
+
+
+def _worker_ready(log: Path) -> bool:
+    try:
+        return b" ready." in log.read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def site(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory,
+         request: pytest.FixtureRequest) -> Iterator[Site]:
+    name = "dp-" + request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")
+    s = start_site(redis_server, tmp_path_factory.mktemp("site"), name)
+    try:
+        yield s
+    finally:
+        s.procs.stop()
+
+
+@pytest.fixture
+def image_file(tmp_path: Path) -> Path:
+    path = tmp_path / "image.img"
+    path.write_bytes(os.urandom(4 * 1024 * 1024 + 777))
+    return path
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+PY = sys.executable

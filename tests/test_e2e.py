@@ -1,0 +1,100 @@
+"""Stories on real parts: Redis we started, real Celery workers, real multicast on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller import api
+from mcproto.messages import DeployRequest
+from mcsite.celeryapp import app
+from tests.conftest import Site, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_three_clients_with_receive_loss_get_bit_exact_images(site: Site, tmp_path: Path) -> None:
+    image = tmp_path / "win.wim"
+    image.write_bytes(os.urandom(12 * 1024 * 1024 + 1234))
+    api.add_image(site.state, str(image), name="e2e-loss")
+    dep_id, _, _ = api.deploy(site.state, app, DeployRequest(image="e2e-loss", dp=site.dp, clients=3))
+    procs = [
+        site.spawn_client("--out", str(tmp_path / f"pc{i}.img"), "--id", f"pc{i}", "--test-loss", "5",
+                          "--test-seed", str(i), "--json", "--wait", "30")
+        for i in range(3)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, stderr
+        res = json.loads(stdout.strip().splitlines()[-1])
+        assert res["verified"] and res["acknowledged"]
+        assert res["test_dropped"] > 0  # the loss knob really dropped packets, and repair healed them
+    original = image.read_bytes()
+    for i in range(3):
+        assert (tmp_path / f"pc{i}.img").read_bytes() == original
+    dep = wait_for(lambda: (d := site.state.get_deployment(dep_id))["state"] == "finished" and d)
+    assert dep, site.state.get_deployment(dep_id)
+    assert {c: r["outcome"] for c, r in dep["clients"].items()} == {"pc0": "done", "pc1": "done", "pc2": "done"}
+    assert all(r["sha256"] == hashlib.sha256(original).hexdigest() for r in dep["clients"].values())
+    assert wait_for(lambda: site.state.get_deployment(dep_id).get("session_state") == "finished")
+
+
+def test_cli_flow_image_add_deploy_status(site: Site, image_file: Path, tmp_path: Path) -> None:
+    add = site.mcdeploy("image", "add", str(image_file), "--name", "cli-img")
+    assert add.returncode == 0, add.stderr
+    dep = site.mcdeploy("deploy", "cli-img", "--dp", site.dp, "--clients", "1")
+    assert dep.returncode == 0, dep.stderr
+    dep_id = dep.stdout.strip().splitlines()[-1]
+    client = site.client("--out", str(tmp_path / "out.img"), "--id", "cli-pc", "--wait", "30")
+    assert client.returncode == 0, client.stderr
+    assert "verified and acknowledged" in client.stderr
+    assert (tmp_path / "out.img").read_bytes() == image_file.read_bytes()
+    assert wait_for(lambda: site.state.get_deployment(dep_id)["state"] == "finished")
+    status = site.mcdeploy("status", dep_id)
+    assert status.returncode == 0 and "finished" in status.stdout and "cli-pc" in status.stdout
+    listing = site.mcdeploy("status", "--json")
+    assert dep_id in {d["id"] for d in json.loads(listing.stdout)}
+
+
+def test_idempotency_key_makes_one_deployment(site: Site, image_file: Path) -> None:
+    api.add_image(site.state, str(image_file), name="idem-img")
+    req = DeployRequest(image="idem-img", dp=site.dp, clients=1, idempotency_key="ticket-42",
+                        start_timeout_s=1.0)
+    first, _, created1 = api.deploy(site.state, app, req)
+    second, _, created2 = api.deploy(site.state, app, req)
+    assert first == second
+    assert created1 and not created2
+    assert len([d for d in site.state.list_deployments(500) if d["image"] == "idem-img"]) == 1
+
+
+def test_deploy_triggered_by_queue_message(site: Site, image_file: Path, tmp_path: Path) -> None:
+    api.add_image(site.state, str(image_file), name="queued-img")
+    body = DeployRequest(image="queued-img", dp=site.dp, clients=1, idempotency_key="q-1").model_dump(mode="json")
+    res = app.send_task("controller.deploy", kwargs={"body": body}).get(timeout=30)
+    again = app.send_task("controller.deploy", kwargs={"body": body}).get(timeout=30)
+    assert res["created"] and not again["created"] and res["deployment"] == again["deployment"]
+    client = site.client("--out", str(tmp_path / "q.img"), "--id", "queued-pc", "--deployment",
+                         res["deployment"], "--wait", "30")
+    assert client.returncode == 0, client.stderr
+    assert (tmp_path / "q.img").read_bytes() == image_file.read_bytes()
+
+
+def test_demo_json_reports_all_verified_and_acked(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "mcdeploy"), "demo", "--clients", "3", "--size", "8MiB",
+         "--loss", "2", "--json", "--keep", str(tmp_path / "keep")],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["clients"] == summary["verified"] == summary["acked"] == 3
+    assert summary["image_bytes"] == 8 * 1024 * 1024
+    assert summary["seconds"] > 0
+    kept = sorted((tmp_path / "keep").glob("*.img"))
+    assert len(kept) == 3 and len({hashlib.sha256(p.read_bytes()).hexdigest() for p in kept}) == 1
