@@ -12,6 +12,8 @@ import contextlib
 import socket
 import sys
 
+from clientagent.platform import bind_group_address
+
 RCVBUF = 4 * 1024 * 1024
 
 
@@ -48,7 +50,7 @@ def open_data_socket(group: str, port: int, interface: str = "0.0.0.0") -> socke
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-    sock.bind(("" if sys.platform == "win32" else group, port))
+    sock.bind((group if bind_group_address() else "", port))
     mreq = socket.inet_aton(group) + socket.inet_aton(interface)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
     sock.setblocking(False)

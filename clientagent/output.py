@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 
+from clientagent import platform
 from mcproto.errors import McdeployError
 
 
@@ -32,7 +33,7 @@ class FileOutput:
         self.path = path
         self.size = size
         self.written = 0
-        self._pwrite = hasattr(os, "pwrite") if use_pwrite is None else use_pwrite
+        self._pwrite = platform.use_pwrite() if use_pwrite is None else use_pwrite
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
         try:
             self._fd = os.open(path, flags, 0o644)
