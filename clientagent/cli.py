@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             "client_id": opts.client_id, "exit_code": result.exit_code, "reason": result.reason,
             "verified": result.verified, "acknowledged": result.acknowledged, "sha256": result.sha256,
             "image_bytes": result.image_bytes, "seconds": round(result.seconds, 3),
+            "transfer_seconds": round(result.transfer_seconds, 3),
             "packets": result.packets, "duplicates": result.duplicates, "rejected": result.rejected,
             "test_dropped": result.test_dropped, "deployment": result.deployment,
         }))

@@ -16,6 +16,9 @@ from clientagent import platform
 from mcproto.errors import McdeployError
 
 
+COALESCE_BYTES = 1024 * 1024
+
+
 class OutputError(McdeployError):
     """The output cannot be written (disk full, permission, ...)."""
 
@@ -33,6 +36,8 @@ class FileOutput:
         self.path = path
         self.size = size
         self.written = 0
+        self._run = bytearray()
+        self._run_start = 0
         self._pwrite = platform.use_pwrite() if use_pwrite is None else use_pwrite
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
         try:
@@ -43,20 +48,37 @@ class FileOutput:
             raise OutputError(_reason(exc, path)) from None
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at ``offset``; contiguous writes are coalesced into one system call per
+        ``COALESCE_BYTES`` (one ``pwrite`` per 1,400-byte symbol would double the client's syscalls)."""
+        if self._run and offset == self._run_start + len(self._run) and len(self._run) < COALESCE_BYTES:
+            self._run += data
+            return
+        self._flush_run()
+        self._run_start = offset
+        self._run += data
+
+    def _flush_run(self) -> None:
+        if self._run:
+            run, self._run = self._run, bytearray()
+            self._write(self._run_start, run)
+
+    def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
         try:
-            if self._pwrite:
-                n = os.pwrite(self._fd, data, offset)
-            else:
+            if not self._pwrite:
                 os.lseek(self._fd, offset, os.SEEK_SET)
-                n = os.write(self._fd, data)
-            if n != len(data):
-                raise OSError(errno.ENOSPC, "short write")
+            while view:
+                n = os.pwrite(self._fd, view, offset) if self._pwrite else os.write(self._fd, view)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, "no progress writing")
+                view, offset = view[n:], offset + n
         except OSError as exc:
             raise OutputError(_reason(exc, self.path)) from None
         self.written += len(data)
 
     def finish(self) -> None:
         """Flush to stable storage: success is claimed only for data the disk holds."""
+        self._flush_run()
         try:
             os.fsync(self._fd)
         except OSError as exc:

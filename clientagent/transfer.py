@@ -55,6 +55,7 @@ class ClientResultInfo:
     acknowledged: bool = False
     verified: bool = False
     packets: int = 0
+    transfer_seconds: float = 0.0  # first data packet to the end: excludes waiting for the start
     duplicates: int = 0
     rejected: int = 0
     test_dropped: int = 0
@@ -129,7 +130,8 @@ def receive(opts: ClientOptions, progress: Progress | None = None) -> ClientResu
 def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | None  # type: ignore[no-untyped-def]
          ) -> ClientResultInfo:
     rng = random.Random(opts.seed)
-    started = time.monotonic()
+    started = first_data = time.monotonic()
+    got_data = False
     info = ClientResultInfo(EXIT_TRANSFER_FAILED, "", image_bytes=offer.image_size, deployment=offer.deployment)
     try:
         output = FileOutput(opts.out, offer.image_size)
@@ -167,6 +169,8 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                             info.rejected += 1
                             continue
                         if w is not None:
+                            if not got_data:
+                                got_data, first_data = True, now
                             output.write_at(w[0], w[1])
                 else:
                     _read_control(ctrl, dp_addr, receiver, now)
@@ -211,6 +215,7 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
     if info.exit_code == EXIT_VERIFY_FAILED:
         info.reason = "SHA-256 of the written image does not match the offer"
     info.seconds = time.monotonic() - started
+    info.transfer_seconds = time.monotonic() - first_data if got_data else 0.0
     info.duplicates = receiver.duplicates
     if progress is not None:
         progress(receiver.received, receiver.total)

@@ -190,7 +190,7 @@ def _summarize(opts: DemoOptions, out: Console, err: Console, dep: dict[str, Any
                extra: dict[str, Any]) -> int:
     size = int(image["size"])
     table = Table(title=f"deployment {dep.get('id')} — {dep.get('state')}")
-    for col in ("client", "verified", "acked", "bytes", "seconds", "MB/s", "recorded", "reason"):
+    for col in ("client", "verified", "acked", "bytes", "transfer s", "MB/s", "recorded", "reason"):
         table.add_column(col)
     verified = acked = 0
     transfer_seconds = 0.0
@@ -201,7 +201,7 @@ def _summarize(opts: DemoOptions, out: Console, err: Console, dep: dict[str, Any
         ok_a = bool(r.get("acknowledged")) and r.get("exit_code") == 0 and rec.get("outcome") == "done"
         verified += ok_v
         acked += ok_a
-        secs = float(r.get("seconds", 0.0))
+        secs = float(r.get("transfer_seconds", 0.0))
         transfer_seconds = max(transfer_seconds, secs)
         table.add_row(cid, "yes" if ok_v else "[red]no[/]", "yes" if ok_a else "[red]no[/]", str(size),
                       f"{secs:.2f}", f"{size / secs / 1e6:.1f}" if secs and ok_v else "-",
