@@ -71,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             pct = 100.0 * got / total if total else 100.0
             print(f"\rmcdeploy-client: {pct:5.1f} % ({got}/{total} symbols)", end="", file=sys.stderr)
 
-    result = receive(opts, progress)
+    try:
+        result = receive(opts, progress)
+    except KeyboardInterrupt:
+        print("\nmcdeploy-client: interrupted", file=sys.stderr)
+        return 130
     if tty:
         print(file=sys.stderr)
     mbps = result.image_bytes / result.seconds / 1e6 if result.seconds and result.exit_code == 0 else 0.0

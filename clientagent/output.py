@@ -15,7 +15,6 @@ import os
 from clientagent import platform
 from mcproto.errors import McdeployError
 
-
 COALESCE_BYTES = 1024 * 1024
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import selectors
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -146,6 +147,7 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
     sel.register(ctrl, selectors.EVENT_READ, "ctrl")
     bufsize = offer.symbol_size + 256
     next_progress = 0.0
+    verifier: Verifier | None = None
     try:
         while not receiver.done:
             now = time.monotonic()
@@ -178,15 +180,9 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
             receiver.handle_timer(now)
             while (ev := receiver.next_event()) is not None:
                 if isinstance(ev, TransferComplete):
-                    output.finish()
-                    digest = output.sha256()
-                    info.sha256 = digest
-                    if digest == offer.image_sha256:
-                        info.verified = True
-                        receiver.verified(digest, offer.image_size, time.monotonic() - started, now)
-                    else:
-                        info.exit_code = EXIT_VERIFY_FAILED
-                        receiver.fail("SHA-256 of the written image does not match the offer", now)
+                    # Verify in a thread (hashlib releases the GIL): the loop keeps sending
+                    # keepalives, so a long verification of a large image is not taken for a dead client.
+                    verifier = Verifier(output)
                 elif isinstance(ev, Acknowledged):
                     info.acknowledged = True
                     if ev.outcome == "done" and info.verified:
@@ -199,6 +195,16 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                     if info.verified:
                         info.exit_code = EXIT_NOT_ACKED
                     info.reason = ev.reason
+            if verifier is not None and verifier.finished:
+                if verifier.error is not None:
+                    raise verifier.error
+                info.sha256, verifier = verifier.digest, None
+                if info.sha256 == offer.image_sha256:
+                    info.verified = True
+                    receiver.verified(info.sha256, offer.image_size, time.monotonic() - started, now)
+                else:
+                    info.exit_code = EXIT_VERIFY_FAILED
+                    receiver.fail("SHA-256 of the written image does not match the offer", now)
             for msg in receiver.datagrams_to_send(now):
                 with contextlib.suppress(OSError):
                     ctrl.sendto(codec.encode(msg), dp_addr)
@@ -220,6 +226,28 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
     if progress is not None:
         progress(receiver.received, receiver.total)
     return info
+
+
+class Verifier:
+    """fsync + re-read + SHA-256 of the output, off the receive loop."""
+
+    def __init__(self, output: FileOutput) -> None:
+        self.output = output
+        self.digest = ""
+        self.error: OutputError | None = None
+        self._thread = threading.Thread(target=self._run, name="verify", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.output.finish()
+            self.digest = self.output.sha256()
+        except OutputError as exc:
+            self.error = exc
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
 
 
 def _read_control(ctrl, dp_addr, receiver: Receiver, now: float) -> None:  # type: ignore[no-untyped-def]

@@ -149,7 +149,9 @@ class Receiver:
                                   reason=reason[:500]), now)
 
     def handle_timer(self, now: float) -> None:
-        if self.state in (RECEIVING, COMPLETE) and now - self._last_heard > self._idle_timeout:
+        # COMPLETE is exempt: every byte is here, only local verification is left (which can take
+        # minutes for a large image while the sender may already be gone).
+        if self.state == RECEIVING and now - self._last_heard > self._idle_timeout:
             self._give_up(f"nothing heard from the sender for {self._idle_timeout:g} s")
         elif self.state == REPORTING and now > self._report_deadline:
             self._give_up(f"the DP did not acknowledge our result within {self._report_timeout:g} s")
@@ -159,7 +161,8 @@ class Receiver:
     def datagrams_to_send(self, now: float) -> list[Message]:
         """Session-plane messages for the DP (status/NAK, done, failed)."""
         out: list[Message] = []
-        if self.state == RECEIVING and now >= self._next_status:
+        if self.state in (RECEIVING, COMPLETE) and now >= self._next_status:
+            # While COMPLETE (verifying) this is a keepalive, so the sender does not drop us.
             self._next_status = now + self._feedback_interval
             missing = self._missing_ranges(now)
             if missing or now - self._last_status >= self._keepalive_interval:
@@ -181,7 +184,7 @@ class Receiver:
         if self.state == REPORTING:
             return min(self._next_report, self._report_deadline)
         if self.state == COMPLETE:
-            return self._last_heard + self._idle_timeout
+            return self._next_status
         return math.inf
 
     @property
