@@ -77,6 +77,7 @@ tasks_columns = "name,uuid,state,kwargs,result,received,runtime,worker"
 
 _MAX_CHARS = 200
 _SESSION_TASK = "dp.open_session"
+_FINISHED_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED", "REJECTED"})
 # Fields of the task-progress events sent by DP session tasks.  Never named like Flower's own
 # task attributes (sent, received, started, result, state...), which they would overwrite.
 _PROGRESS_FIELDS = (
@@ -146,7 +147,7 @@ def _progress_summary(task: object) -> str | None:
     sent, rate, percent = values["bytes_sent"], values["rate_mbps"], values["percent"]
     return " ".join(
         (
-            phase if isinstance(phase, str) and phase else "session",
+            phase.lower() if isinstance(phase, str) and phase else "session",
             f"joined={count('clients_joined')}",
             f"done={count('clients_done')}",
             f"failed={count('clients_failed')}",
@@ -165,16 +166,14 @@ def format_task(task):
     attributes of the copy are reassigned; nothing nested is mutated.  Progress fields are
     read through ``_live_record`` because that copy no longer carries them.
     """
+    summary = None
+    if task.name == _SESSION_TASK and task.state not in _FINISHED_STATES:
+        summary = _progress_summary(task)  # before copying: a copy loses the progress fields
     task = copy.copy(task)
     task.args = _shorten(task.args)
     task.kwargs = _shorten(task.kwargs)
-    if task.name == _SESSION_TASK:
-        summary = _progress_summary(task)
-        if summary is not None:
-            if task.result is None:
-                task.result = summary
-            else:
-                task.result = _shorten(f"{summary} | {task.result}")
-    else:
-        task.result = _shorten(task.result)
+    # A running session has no result yet: show its progress there.  A finished one shows its
+    # result, which carries the final figures (progress events are throttled, so the last one
+    # is older than the end of the session).
+    task.result = summary if summary is not None else _shorten(task.result)
     return task
