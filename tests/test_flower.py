@@ -63,7 +63,7 @@ def test_flower_requires_auth_and_shows_workers_and_session_progress(site: Site,
         assert wait_for(lambda: _get(f"{base}/api/workers", None)[0] == 401, timeout=30), \
             (tmp_path / "flower.log").read_text()[-2000:]
         image = tmp_path / "img"
-        image.write_bytes(os.urandom(8 * 1024 * 1024))
+        image.write_bytes(os.urandom(24 * 1024 * 1024))  # ~5 s at 40 Mbit/s: long enough to watch
         api.add_image(site.state, str(image), name="flower-img")
         dep_id, _, _ = api.deploy(site.state, app, DeployRequest(image="flower-img", dp=site.dp, clients=1,
                                                                    max_rate_mbps=40))
