@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     def progress(got: int, total: int) -> None:
         if tty:
             pct = 100.0 * got / total if total else 100.0
-            print(f"\rmcdeploy-client: {pct:5.1f} % ({got}/{total} symbols)", end="", file=sys.stderr)
+            print(f"\rmcdeploy-client: {pct:5.1f} % ({got}/{total} blocks)", end="", file=sys.stderr)
 
     try:
         result = receive(opts, progress)

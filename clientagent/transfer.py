@@ -210,7 +210,7 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                     ctrl.sendto(codec.encode(msg), dp_addr)
             if progress is not None and now >= next_progress:
                 next_progress = now + 0.5
-                progress(receiver.received, receiver.total)
+                progress(receiver.blocks_done, receiver.blocks)
     except OutputError as exc:
         info.exit_code, info.reason = EXIT_OUTPUT_FAILED, str(exc)
         _report_failure(opts, offer, ctrl, dp_addr, info.reason)
@@ -224,7 +224,7 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
     info.transfer_seconds = time.monotonic() - first_data if got_data else 0.0
     info.duplicates = receiver.duplicates
     if progress is not None:
-        progress(receiver.received, receiver.total)
+        progress(receiver.blocks_done, receiver.blocks)
     return info
 
 

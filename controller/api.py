@@ -49,8 +49,7 @@ def deploy(state: State, app: Celery, req: DeployRequest, ctl: ControllerSetting
     if req.dp not in known_dps:
         known = ", ".join(known_dps) or "none registered"
         raise NotFoundError(f"unknown DP {req.dp!r} (known: {known}); start it with `mcdeploy-dp --name {req.dp}`")
-    dep_id, job, created = state.create_deployment(
-        image, req.dp, req.clients, req.start_timeout_s, req.max_rate_mbps, ctl, req.idempotency_key)
+    dep_id, job, created = state.create_deployment(image, req, ctl)
     if created:
         app.send_task("dp.open_session", kwargs={"body": to_body(job)})
     return dep_id, job, created

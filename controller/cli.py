@@ -31,6 +31,20 @@ def parse_size(text: str) -> int:
     return int(float(num) * (1024**power))
 
 
+def parse_time(text: str) -> float:
+    """ISO 8601 local time ('2026-12-01T20:00') or Unix seconds -> Unix seconds."""
+    import datetime as dt
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {text!r} (try 2026-12-01T20:00)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mcdeploy", description="Multicast OS-image deployment: operator CLI. "
                                 "Uses MCDEPLOY_REDIS_URL, or the site a running `mcdeploy up` published.")
@@ -72,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--clients", type=int, default=0, help="expected clients: start when they joined")
     dep.add_argument("--start-timeout", type=float, default=60.0,
                      help="start with whoever joined after this many seconds (default 60)")
+    dep.add_argument("--start-clients", type=int, help="start when this many joined (default: --clients; "
+                     "1 = start as soon as one client is there)")
+    dep.add_argument("--start-at", type=parse_time, help="start at this time (ISO 8601, e.g. 2026-12-01T20:00)")
     dep.add_argument("--rate", type=float, help="max rate in Mbit/s (default: the DP's)")
     dep.add_argument("--idempotency-key", help="the same key twice makes one deployment")
 
@@ -148,7 +165,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
         configure(app, url)
         req = DeployRequest(image=args.image, dp=args.dp, clients=args.clients,
-                            start_timeout_s=args.start_timeout, max_rate_mbps=args.rate,
+                            start_timeout_s=args.start_timeout, start_clients=args.start_clients,
+                            start_at=args.start_at, max_rate_mbps=args.rate,
                             idempotency_key=args.idempotency_key)
         dep_id, job, created = api.deploy(state, app, req)
         verb = "created" if created else "already exists (same idempotency key)"
@@ -209,7 +227,7 @@ def _status(args: argparse.Namespace, state: Any, console: Console) -> int:
     names = sorted(set(dep["clients"]) | set(dep["progress"]))
     for cid in names:
         r = dep["clients"].get(cid)
-        table.add_row(cid, r["outcome"] if r else f"receiving ({dep['progress'].get(cid, 0)} symbols)",
+        table.add_row(cid, r["outcome"] if r else f"receiving ({dep['progress'].get(cid, 0)} blocks)",
                       f"{r['seconds']:.2f}" if r else "-", (r.get("sha256") or "-")[:16] if r else "-",
                       r.get("reason", "") if r else "")
     console.print(table)

@@ -26,11 +26,12 @@ from rich.table import Table
 
 from controller import api
 from mcproto.errors import ConfigError
+from mcproto.fec import Layout
 from mcproto.messages import DeployRequest
 from mcsite.celeryapp import app, configure
 from mcsite.embedded_redis import EmbeddedRedis
 from mcsite.procs import ProcessGroup, python_module, site_env
-from mcsite.settings import ControllerSettings
+from mcsite.settings import ControllerSettings, DPSettings
 from mcsite.state import State
 
 
@@ -137,12 +138,13 @@ def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: st
                            stderr=open(os.path.join(logdir, f"{cid}.log"), "wb"))  # noqa: SIM115
         clients.append((cid, path, proc))
 
-    total_symbols = -(-size // 1400) or 1
+    dps = DPSettings()
+    total_blocks = Layout(size, dps.symbol_size, dps.block_symbols).blocks or 1
     results: dict[str, dict[str, Any]] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f} %"),
                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err,
                   transient=opts.json) as bar:
-        tasks = {cid: bar.add_task(cid, total=total_symbols, status="joining") for cid, _, _ in clients}
+        tasks = {cid: bar.add_task(cid, total=total_blocks, status="joining") for cid, _, _ in clients}
         while True:
             dep = state.get_deployment(dep_id)
             for cid, _, proc in clients:
@@ -151,7 +153,7 @@ def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: st
                 status = res["outcome"] if res else ("receiving" if got else "joining")
                 if cid not in results and proc.poll() is not None:
                     results[cid] = _client_json(proc)
-                    got = total_symbols if results[cid].get("exit_code") == 0 else got
+                    got = total_blocks if results[cid].get("exit_code") == 0 else got
                 bar.update(tasks[cid], completed=got, status=status)
             if len(results) == len(clients) and dep.get("session_state") in ("finished", "failed"):
                 break

@@ -5,7 +5,7 @@ the ``controller`` queue (the controller owns the record; DPs never write
 results themselves).  If publishing fails, the message waits in a local
 spool and is retried on the next flush; the controller's writes are
 idempotent, so a retry that had in fact succeeded changes nothing.
-Volatile progress (symbols received per client) goes straight to Redis:
+Volatile progress (blocks received per client) goes straight to Redis:
 losing a progress sample is harmless.
 """
 

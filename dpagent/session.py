@@ -20,7 +20,7 @@ from typing import Any
 
 from mcproto.events import ClientFinished, ClientJoined, SessionFinished, TransferStarted
 from mcproto.messages import ClientResult, Message, SessionJob, SessionReport
-from mcproto.sender import FINISHED, Sender, SenderConfig
+from mcproto.sender import FINISHED, Sender, SenderConfig, StartPolicy
 from mcsite.settings import DPSettings
 
 log = logging.getLogger("mcdeploy.dp.session")
@@ -54,7 +54,11 @@ class SessionRunner:
             session_id=job.session_id, deployment=job.deployment, group=job.group, port=job.port,
             image_size=job.image.size, image_sha256=job.image.sha256, symbol_size=settings.symbol_size,
             block_symbols=settings.block_symbols, expected_clients=job.expected_clients,
-            start_timeout=job.start_timeout_s, max_rate=rate_mbps * 1e6 / 8, deadline=job.deadline_s,
+            start=StartPolicy(
+                clients=job.start_clients or job.expected_clients, delay=job.start_timeout_s,
+                at=None if job.start_at is None else self.opened_at + (job.start_at - time.time()),
+            ),
+            join_window=job.start_timeout_s, max_rate=rate_mbps * 1e6 / 8, deadline=job.deadline_s,
         )
         self._file = open(job.image.path, "rb")  # noqa: SIM115 - closed in run()
         self.sender = Sender(self.config, self._read, self.opened_at)
@@ -184,7 +188,7 @@ class SessionRunner:
 
     def _report_progress(self, now: float) -> None:
         with self._lock:
-            per_client = {c.client_id: c.received for c in self.sender.clients.values()}
+            per_client = {c.client_id: c.blocks_done for c in self.sender.clients.values()}
         self._relay.progress(self.job.deployment, per_client)
         self._relay.flush()
         if self._progress is not None:

@@ -25,9 +25,9 @@ Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Reason = Annotated[str, StringConstraints(max_length=500)]
 SessionId = Annotated[int, Field(ge=1, lt=2**64)]
 Port = Annotated[int, Field(ge=1, le=65535)]
-# A missing-symbol range as [first_index, count]; lists, not tuples, because
-# msgpack round-trips tuples as lists.
-SymbolRange = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
+# Blocks still short of symbols, as [first_block, block_count, symbols_needed_each]; lists,
+# not tuples, because msgpack round-trips tuples as lists.
+NeedRange = Annotated[list[Annotated[int, Field(ge=0, lt=2**32)]], Field(min_length=3, max_length=3)]
 
 MAX_RANGES_PER_STATUS = 64
 
@@ -65,7 +65,8 @@ class Offer(Message):
     image_size: Annotated[int, Field(ge=0)]
     image_sha256: Sha256Hex
     symbol_size: Annotated[int, Field(ge=16, le=65000)]
-    block_symbols: Annotated[int, Field(ge=1, le=65536)]
+    block_symbols: Annotated[int, Field(ge=1, le=255)]
+    fec: Literal["rs"] = "rs"
     feedback_interval_ms: Annotated[int, Field(ge=5, le=10_000)] = 50
 
 
@@ -78,13 +79,18 @@ class NoSession(Message):
 
 
 class Status(Message):
-    """Client -> DP: progress and the symbols still missing (NAK), as compact ranges."""
+    """Client -> DP: progress and how many more symbols each unfinished block needs.
+
+    ``needs`` covers only blocks the sender has passed; ``loss_permille`` is the
+    client's recent first-pass loss (the sender sizes proactive repair by it).
+    """
 
     type: Literal["status"] = "status"
     session_id: SessionId
     client_id: Name
-    received: Annotated[int, Field(ge=0)]
-    missing: Annotated[list[SymbolRange], Field(max_length=MAX_RANGES_PER_STATUS)] = []
+    blocks_done: Annotated[int, Field(ge=0)]
+    needs: Annotated[list[NeedRange], Field(max_length=MAX_RANGES_PER_STATUS)] = []
+    loss_permille: Annotated[int, Field(ge=0, le=1000)] = 0
 
 
 class Done(Message):
@@ -123,7 +129,9 @@ class Ack(Message):
 class DeployRequest(Message):
     """Anyone -> controller (task ``controller.deploy``): deploy an image from a DP.
 
-    ``idempotency_key``: the same request twice makes one deployment.
+    ``idempotency_key``: the same request twice makes one deployment.  Start policy (first
+    condition met wins): ``start_clients`` joined (default: ``clients``), ``start_timeout_s``
+    elapsed, or the wall-clock time ``start_at`` (Unix seconds) reached.
     """
 
     type: Literal["deploy_request"] = "deploy_request"
@@ -132,6 +140,8 @@ class DeployRequest(Message):
     clients: Annotated[int, Field(ge=0, le=100_000)] = 0
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     start_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    start_clients: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    start_at: Annotated[float, Field(gt=0)] | None = None
     max_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
 
 
@@ -156,7 +166,11 @@ class SessionJob(Message):
     group: Annotated[str, StringConstraints(max_length=64)]
     port: Port
     expected_clients: Annotated[int, Field(ge=0, le=100_000)] = 0
+    # Start policy, first condition met wins: start_clients joined (default: expected_clients),
+    # start_timeout_s after the session opened, or the wall-clock time start_at (Unix seconds).
     start_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    start_clients: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    start_at: Annotated[float, Field(gt=0)] | None = None
     max_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
     deadline_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = 4 * 3600.0
 

@@ -9,11 +9,12 @@ Header, network byte order::
     0      2    3     4      5        6            8           16      20       24
     | "MC" | ver | kind | flags | tag_len | payload_len | session | block | symbol |
 
-* DATA: ``block``/``symbol`` locate the payload; global symbol index is
-  ``block * block_symbols + symbol``; payload offset is ``index * symbol_size``.
-* HEARTBEAT: payload is ``!QQB`` = (total symbols, symbols sent so far in this
-  pass, heartbeat flags).  Receivers learn from it how far the sender got, so
-  they can ask for tail symbols lost at the end of a pass.
+* DATA: ``block`` and ``symbol`` (the erasure-code symbol id, ESI: 0..k-1 are
+  source symbols, k..255 repair symbols; see :mod:`mcproto.fec`); the payload
+  is one symbol of exactly the negotiated symbol size.
+* HEARTBEAT: payload is ``!QQB`` = (total blocks, blocks the first pass has
+  sent, flags).  Receivers learn from it how far the sender got, so they can
+  ask for blocks whose every packet was lost (the tail, a late join).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Heartbeat:
     """Sender progress announced on the group."""
 
     session_id: int
-    total_symbols: int
+    total_blocks: int
     sent_through: int
     flags: int
 
@@ -56,9 +57,9 @@ def encode_data(session_id: int, block: int, symbol: int, payload: bytes | memor
     return HEADER.pack(MAGIC, PACKET_VERSION, KIND_DATA, 0, 0, len(payload), session_id, block, symbol) + payload
 
 
-def encode_heartbeat(session_id: int, total_symbols: int, sent_through: int, flags: int) -> bytes:
+def encode_heartbeat(session_id: int, total_blocks: int, sent_through: int, flags: int) -> bytes:
     """One HEARTBEAT datagram."""
-    body = HEARTBEAT_BODY.pack(total_symbols, sent_through, flags)
+    body = HEARTBEAT_BODY.pack(total_blocks, sent_through, flags)
     return HEADER.pack(MAGIC, PACKET_VERSION, KIND_HEARTBEAT, 0, 0, len(body), session_id, 0, 0) + body
 
 

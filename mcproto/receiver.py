@@ -4,20 +4,22 @@ Pure: no sockets, no clock, no file I/O.  Inputs: ``receive_datagram(data,
 now)`` for packets from the group, ``handle_message(msg, now)`` for
 session-plane answers from the DP, ``handle_timer(now)`` at ``get_timer()``,
 and the adapter's verdict on the written output (``verified``/``fail``).
-Outputs: ``receive_datagram`` returns ``(offset, payload)`` to write, or None;
-``datagrams_to_send(now)`` returns session-plane messages for the DP;
-``next_event()`` returns ``TransferComplete``, ``Acknowledged`` or ``GaveUp``.
+Outputs: ``receive_datagram`` returns ``(offset, block_bytes)`` when a block
+is complete (decoded if needed), else None; ``datagrams_to_send(now)``
+returns session-plane messages for the DP; ``next_event()`` returns
+``TransferComplete``, ``Acknowledged`` or ``GaveUp``.
 
 States::
 
-    RECEIVING --(all symbols in)--> COMPLETE --(adapter verified / failed)--> REPORTING
+    RECEIVING --(every block complete)--> COMPLETE --(adapter verified / failed)--> REPORTING
     REPORTING --(Ack from DP)--> ACKED
     any --(sender silent, session over, no ack)--> GAVE_UP
 
-Feedback: every ``feedback_interval`` the receiver reports the gaps it has
-not reported yet (below the highest symbol the sender has reached); gaps
-still open are re-reported after ``rescan_interval``.  At most
-``MAX_RANGES_PER_STATUS`` ranges per message keep a datagram small.
+Feedback: every ``feedback_interval`` the receiver reports, for blocks the
+sender has passed and it has not finished, how many more symbols each needs
+(any symbols will do: Reed-Solomon is MDS), compressed into ranges of equal
+need.  A block reported once is reported again only after
+``rescan_interval``, which gives its repair time to arrive.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections import deque
 from mcproto import packets
 from mcproto.errors import PacketError
 from mcproto.events import Acknowledged, GaveUp, ReceiverEvent, TransferComplete
+from mcproto.fec import Codec, Layout
 from mcproto.messages import MAX_RANGES_PER_STATUS, Ack, Done, Failed, Message, Offer, Status
 
 RECEIVING = "RECEIVING"
@@ -54,15 +57,21 @@ class Receiver:
         self.offer = offer
         self.client_id = client_id
         self.session_id = offer.session_id
-        self.total = math.ceil(offer.image_size / offer.symbol_size)
+        self.layout = Layout(offer.image_size, offer.symbol_size, offer.block_symbols)
+        self.blocks = self.layout.blocks
         self._ss = offer.symbol_size
-        self._bs = offer.block_symbols
-        self._last_len = offer.image_size - (self.total - 1) * self._ss if self.total else 0
-        self._have = bytearray(self.total)
-        self.received = 0
+        self._codec = Codec()
+        self._done = bytearray(self.blocks)
+        self._partial: dict[int, dict[int, bytes]] = {}  # block -> esi -> symbol
+        self.blocks_done = 0
+        self.symbols = 0
         self.duplicates = 0
+        self.decoded_blocks = 0
         self.rejected = 0
-        self._horizon = 0
+        self._loss = 0.0  # EWMA of the source-symbol loss of blocks as they complete
+        self._horizon = 0  # blocks below this have been passed by the sender's first pass
+        self._last_block = -1  # block of the previous data packet
+        self._prompt: set[int] = set()  # blocks the sender moved on from while still unfinished: ask now
         self._scan_pos = 0
         self._next_rescan = now + rescan_interval
         self._rescan_interval = rescan_interval
@@ -80,50 +89,60 @@ class Receiver:
         self.reason = ""
         self._events: deque[ReceiverEvent] = deque()
         self.state = RECEIVING
-        if self.total == 0:
+        if self.blocks == 0:
             self._complete()
 
     # ------------------------------------------------------------------ inputs
 
-    def receive_datagram(self, data: bytes | bytearray | memoryview, now: float
-                         ) -> tuple[int, memoryview] | None:
-        """A packet from the group.  Returns (offset, payload) to write, or None.
+    def receive_datagram(self, data: bytes | bytearray | memoryview, now: float) -> tuple[int, bytes] | None:
+        """A packet from the group.  Returns (offset, bytes) of a block just completed, or None.
 
         Raises :class:`PacketError` for packets that are malformed or not ours;
         the adapter counts them and carries on.
         """
-        kind, session, block, symbol, plen = packets.parse_header(data)
+        kind, session, block, esi, plen = packets.parse_header(data)
         if session != self.session_id:
             raise PacketError("packet of another session")
+        body = memoryview(data)[packets.HEADER_SIZE:packets.HEADER_SIZE + plen]
         if kind == packets.KIND_HEARTBEAT:
-            hb = packets.parse_heartbeat(session, memoryview(data)[packets.HEADER_SIZE:packets.HEADER_SIZE + plen])
-            if hb.total_symbols != self.total:
+            hb = packets.parse_heartbeat(session, body)
+            if hb.total_blocks != self.blocks:
                 raise PacketError("heartbeat disagrees with the offer")
             self._last_heard = now
             self._horizon = max(self._horizon, hb.sent_through)
             if hb.flags & packets.HB_FINISHED and self.state == RECEIVING:
                 self._give_up("the session ended before the image was complete")
             return None
-        if symbol >= self._bs:
-            raise PacketError("symbol index out of block")
-        index = block * self._bs + symbol
-        if index >= self.total:
-            raise PacketError("symbol beyond end of image")
-        if plen != (self._ss if index < self.total - 1 else self._last_len):
+        if block >= self.blocks:
+            raise PacketError("block beyond end of image")
+        if esi >= 256:
+            raise PacketError("symbol id out of range")
+        if plen != self._ss:
             raise PacketError("payload length does not match the offer")
         self._last_heard = now
-        if index >= self._horizon:
-            self._horizon = index + 1
-        if self._have[index]:
+        if block > self._horizon:
+            self._horizon = block  # the sender is on ``block``: every block before it was sent
+        if block != self._last_block:
+            # The sender moved on (a repair or catch-up burst ended): if that block is still short,
+            # ask at the next status instead of waiting for the periodic rescan.
+            if 0 <= self._last_block < self.blocks and not self._done[self._last_block]:
+                self._prompt.add(self._last_block)
+            self._last_block = block
+        if self._done[block] or self.state != RECEIVING:
             self.duplicates += 1
             return None
-        if self.state != RECEIVING:
+        syms = self._partial.get(block)
+        if syms is None:
+            syms = self._partial[block] = {}
+        elif esi in syms:
+            self.duplicates += 1
             return None
-        self._have[index] = 1
-        self.received += 1
-        if self.received == self.total:
-            self._complete()
-        return index * self._ss, memoryview(data)[packets.HEADER_SIZE:packets.HEADER_SIZE + plen]
+        syms[esi] = bytes(body)
+        self.symbols += 1
+        k = self.layout.block_k(block)
+        if len(syms) < k:
+            return None
+        return self._complete_block(block, k, syms)
 
     def handle_message(self, msg: Message, now: float) -> None:
         """A session-plane message from the DP (only ``Ack`` matters after the offer)."""
@@ -159,16 +178,17 @@ class Receiver:
     # ------------------------------------------------------------------ outputs
 
     def datagrams_to_send(self, now: float) -> list[Message]:
-        """Session-plane messages for the DP (status/NAK, done, failed)."""
+        """Session-plane messages for the DP (status with needs, done, failed)."""
         out: list[Message] = []
         if self.state in (RECEIVING, COMPLETE) and now >= self._next_status:
             # While COMPLETE (verifying) this is a keepalive, so the sender does not drop us.
             self._next_status = now + self._feedback_interval
-            missing = self._missing_ranges(now)
-            if missing or now - self._last_status >= self._keepalive_interval:
+            needs = self._needs(now) if self.state == RECEIVING else []
+            if needs or now - self._last_status >= self._keepalive_interval:
                 self._last_status = now
                 out.append(Status(session_id=self.session_id, client_id=self.client_id,
-                                  received=self.received, missing=missing))
+                                  blocks_done=self.blocks_done, needs=needs,
+                                  loss_permille=min(1000, round(self._loss * 1000))))
         elif self.state == REPORTING and now >= self._next_report and self._report is not None:
             out.append(self._report)
             self._next_report = now + self._report_backoff
@@ -191,34 +211,60 @@ class Receiver:
     def done(self) -> bool:
         return self.state in (ACKED, GAVE_UP)
 
-    def missing_count(self) -> int:
-        return self.total - self.received
+    @property
+    def partial_bytes(self) -> int:
+        """Memory held by unfinished blocks (bounded by repairs arriving promptly)."""
+        return sum(len(s) for s in self._partial.values()) * self._ss
 
     # ------------------------------------------------------------------ internals
 
-    def _missing_ranges(self, now: float) -> list[list[int]]:
-        have, horizon = self._have, self._horizon
+    def _complete_block(self, block: int, k: int, syms: dict[int, bytes]) -> tuple[int, bytes]:
+        missing_source = sum(1 for e in range(k) if e not in syms)
+        if missing_source:
+            esis = sorted(syms)[:k]
+            source = self._codec.decode([syms[e] for e in esis], esis, k)
+            self.decoded_blocks += 1
+        else:
+            source = [syms[e] for e in range(k)]
+        del self._partial[block]
+        self._done[block] = 1
+        self.blocks_done += 1
+        self._loss = 0.9 * self._loss + 0.1 * (missing_source / k)
+        if self.blocks_done == self.blocks:
+            self._complete()
+        data = b"".join(source)[: self.layout.block_len(block)]
+        return self.layout.block_offset(block), data
+
+    def _needs(self, now: float) -> list[list[int]]:
+        """Ranges [first_block, count, need] of passed, unfinished blocks, from the scan position."""
+        done, horizon, layout = self._done, self._horizon, self.layout
         ranges: list[list[int]] = []
+        for b in sorted(self._prompt):
+            if not done[b] and len(ranges) < MAX_RANGES_PER_STATUS // 2:
+                ranges.append([b, 1, layout.block_k(b) - len(self._partial.get(b, ()))])
+        self._prompt.clear()
         pos = self._scan_pos
         while len(ranges) < MAX_RANGES_PER_STATUS and pos < horizon:
-            a = have.find(0, pos, horizon)
-            if a < 0:
+            b = done.find(0, pos, horizon)
+            if b < 0:
                 pos = horizon
                 break
-            b = have.find(1, a, horizon)
-            if b < 0:
-                b = horizon
-            ranges.append([a, b - a])
-            pos = b
+            need = layout.block_k(b) - len(self._partial.get(b, ()))
+            if ranges and ranges[-1][0] + ranges[-1][1] == b and ranges[-1][2] == need:
+                ranges[-1][1] += 1
+            else:
+                ranges.append([b, 1, need])
+            pos = b + 1
         self._scan_pos = pos
         if pos >= horizon and now >= self._next_rescan:
-            # Re-ask, from the start, for gaps whose repair was lost too.
+            # Re-ask, from the start, for blocks whose repair was lost too.
             self._scan_pos = 0
             self._next_rescan = now + self._rescan_interval
         return ranges
 
     def _complete(self) -> None:
         self.state = COMPLETE
+        self._partial.clear()
         self._events.append(TransferComplete())
 
     def _start_report(self, msg: Message, now: float) -> None:
@@ -232,4 +278,5 @@ class Receiver:
     def _give_up(self, reason: str) -> None:
         self.state = GAVE_UP
         self.reason = reason
+        self._partial.clear()
         self._events.append(GaveUp(reason))

@@ -8,16 +8,20 @@ and ``handle_timer(now)`` at ``get_timer()``; outputs are pulled with
 
 States::
 
-    WAITING --(expected clients joined | start timeout with >=1 client)--> TRANSFERRING
+    WAITING --(start policy: at once | N joined | delay | time; first wins)--> TRANSFERRING
     TRANSFERRING --(every joined client done/failed, and the join window closed)--> FINISHED
-    any --(deadline)--> FINISHED
+    any --(deadline | abort)--> FINISHED
 
-Reliability (this version): a carousel with NAK repair.  The first pass
-sends every symbol once; receivers report missing ranges (``Status``), and
-the sender queues each missing symbol at most once (``_pending`` dedups the
-NAKs of all receivers), repairs before new data, and keeps serving late
-joiners until they are complete.  Fountain coding replaces per-symbol repair
-in a later version without changing this interface.
+Transport: a fountain-style carousel over Reed-Solomon blocks
+(:mod:`mcproto.fec`).  The first pass sends each block's k source symbols
+plus ``r`` proactive repair symbols, r sized from the worst loss receivers
+report.  Receivers answer "block b: m more symbols"; the sender keeps, per
+block, the *maximum* m over receivers (one repair symbol fixes different
+losses at different receivers), minus repairs it sent so recently that the
+reporter cannot have counted them, and sends fresh repair symbols before new
+data.  A receiver that needs a whole block (it joined late) is served after
+the first pass, from the source symbols: a late joiner at 50 % finishes one
+partial pass later, not one full pass.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from mcproto.events import (
     SessionFinished,
     TransferStarted,
 )
+from mcproto.fec import N_MAX, Codec, Layout, split_block
 from mcproto.messages import Ack, Done, Failed, Join, Message, NoSession, Offer, Status
 
 WAITING = "WAITING"
@@ -42,6 +47,37 @@ TRANSFERRING = "TRANSFERRING"
 FINISHED = "FINISHED"
 
 ReadFn = Callable[[int, int], bytes]
+
+
+@dataclass(frozen=True)
+class StartPolicy:
+    """When the transfer starts; the first condition met wins (times are ``now`` values).
+
+    With no condition at all the transfer starts as soon as one client has
+    joined (auto-cast).  Nothing is ever sent before at least one client joined.
+    """
+
+    clients: int = 0  # start when this many clients joined (0: no such condition)
+    delay: float | None = None  # start this long after the session opened
+    at: float | None = None  # start at this time (the adapter maps wall clock to ``now``)
+
+    def due(self, joined: int, opened_at: float, now: float) -> str | None:
+        """The reason to start now, or None."""
+        if joined < 1:
+            return None
+        if self.clients and joined >= self.clients:
+            return f"{joined} client(s) joined"
+        if self.delay is not None and now - opened_at >= self.delay:
+            return "start delay elapsed"
+        if self.at is not None and now >= self.at:
+            return "start time reached"
+        if not self.clients and self.delay is None and self.at is None:
+            return "first client joined"
+        return None
+
+    def next_deadline(self, opened_at: float) -> float:
+        times = [t for t in (None if self.delay is None else opened_at + self.delay, self.at) if t is not None]
+        return min(times) if times else math.inf
 
 
 @dataclass(frozen=True)
@@ -55,19 +91,23 @@ class SenderConfig:
     image_size: int
     image_sha256: str
     symbol_size: int = packets.DEFAULT_SYMBOL_SIZE
-    block_symbols: int = 512
+    block_symbols: int = 128
     expected_clients: int = 0
-    start_timeout: float = 60.0
+    start: StartPolicy = StartPolicy()
+    join_window: float = 60.0  # after the start, wait this long for expected clients still missing
     max_rate: float = 50e6
+    proactive_min: float = 0.01  # proactive repair per block, as a fraction of k, at least
+    proactive_max: float = 0.25
     feedback_interval: float = 0.05
+    inflight_window: float = 0.1  # repairs younger than this may not have reached a reporter yet
     heartbeat_interval: float = 0.2
     client_timeout: float = 15.0
     deadline: float = 4 * 3600.0
-    block_cache: int = 8
+    block_cache: int = 64
 
     @property
-    def total_symbols(self) -> int:
-        return math.ceil(self.image_size / self.symbol_size)
+    def layout(self) -> Layout:
+        return Layout(self.image_size, self.symbol_size, self.block_symbols)
 
 
 @dataclass
@@ -78,7 +118,8 @@ class ClientRecord:
     address: str
     joined_at: float
     last_seen: float
-    received: int = 0
+    blocks_done: int = 0
+    loss: float = 0.0
     state: str = "joined"  # joined | done | failed
     reason: str = ""
     sha256: str | None = None
@@ -91,30 +132,38 @@ class Sender:
 
     def __init__(self, config: SenderConfig, read: ReadFn, now: float) -> None:
         self.config = config
+        self.layout = config.layout
         self._read = read
+        self._codec = Codec()
         self.state = WAITING
         self.opened_at = now
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.finish_reason = ""
         self.clients: dict[str, ClientRecord] = {}
-        self._total = config.total_symbols
-        self._bs = config.block_symbols
-        self._ss = config.symbol_size
+        self._nblocks = self.layout.blocks
+        # First pass: block cursor and the queue of (block, esi) still to send for the current block.
         self._cursor = 0
-        self._pending = bytearray(self._total)
-        self._repairs: deque[list[int]] = deque()  # [next, end) ranges of pending symbols
+        self._current: deque[tuple[int, int]] = deque()
+        # Repairs: block -> symbols still owed (max over receivers); dict order = service order.
+        self._repairs: dict[int, int] = {}
+        self._catchup: dict[int, int] = {}  # whole blocks for late joiners, after the first pass
+        self._catchup_esi: dict[int, int] = {}  # where each block's catch-up continues (ids cycle 0..255)
+        self._next_esi: dict[int, int] = {}  # next fresh repair symbol id per block
+        self._recent: dict[int, tuple[float, int]] = {}  # block -> (time of last repair, count in window)
         self._tokens = 0.0
-        self._burst = max(16 * (self._ss + packets.HEADER_SIZE), config.max_rate * 0.004)
+        self._burst = max(16 * (config.symbol_size + packets.HEADER_SIZE), config.max_rate * 0.004)
         self._last_refill = now
         self._next_heartbeat = now
         self._finished_beacons = 0
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()
-        self._replies: list[tuple[bytes | Message, object]] = []
+        self._pass_announced = False
+        self._blocks: OrderedDict[int, list[bytes]] = OrderedDict()
+        self._replies: list[tuple[Message, object]] = []
         self._events: deque[SenderEvent] = deque()
         self.bytes_sent = 0
-        self.data_packets = 0
-        self.repair_packets = 0
+        self.source_symbols = 0
+        self.repair_symbols = 0
+        self.catchup_symbols = 0
         self.rejected_messages = 0
 
     # ------------------------------------------------------------------ inputs
@@ -131,10 +180,11 @@ class Sender:
         client.last_seen = now
         client.addr = addr
         if isinstance(msg, Status):
-            client.received = max(client.received, min(msg.received, self._total))
-            if self.state == TRANSFERRING:
-                for start, count in msg.missing:
-                    self._queue_repair(start, start + count)
+            client.blocks_done = max(client.blocks_done, min(msg.blocks_done, self._nblocks))
+            client.loss = msg.loss_permille / 1000.0
+            if self.state == TRANSFERRING and client.state == "joined":
+                for first, count, need in msg.needs:
+                    self._on_need(first, count, need, now)
         elif isinstance(msg, Done):
             if client.state == "joined":
                 if msg.sha256 == self.config.image_sha256 and msg.bytes == self.config.image_size:
@@ -186,13 +236,17 @@ class Sender:
         if self.state == TRANSFERRING:
             self._tokens = min(self._burst, self._tokens + (now - self._last_refill) * cfg.max_rate)
             self._last_refill = now
+            pkt_size = cfg.symbol_size + packets.HEADER_SIZE
             while self._tokens > 0 and len(out) < max_datagrams:
-                index = self._next_index()
-                if index is None:
+                batch = self._next_symbols(now, min(max_datagrams - len(out), math.ceil(self._tokens / pkt_size)))
+                if not batch:
                     break
-                pkt = self._data_packet(index)
-                out.append(pkt)
-                self._tokens -= len(pkt)
+                for pkt in batch:
+                    out.append(pkt)
+                    self._tokens -= len(pkt)
+        if not self._pass_announced and self._cursor >= self._nblocks and not self._current:
+            self._pass_announced = True  # tell receivers at once, so they ask for the tail
+            self._next_heartbeat = now
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + cfg.heartbeat_interval
             out.append(self._heartbeat())
@@ -200,7 +254,7 @@ class Sender:
             self.bytes_sent += len(pkt)
         return out
 
-    def replies(self) -> list[tuple[bytes | Message, object]]:
+    def replies(self) -> list[tuple[Message, object]]:
         """Session-plane answers as (message, address) pairs; clears the queue."""
         out, self._replies = self._replies, []
         return out
@@ -211,7 +265,9 @@ class Sender:
     def get_timer(self) -> float:
         """When the adapter must call ``handle_timer``/``datagrams_to_send`` next."""
         t = self._next_heartbeat
-        if self.state == TRANSFERRING and self.has_data_work:
+        if self.state == WAITING:
+            t = min(t, self.config.start.next_deadline(self.opened_at))
+        elif self.state == TRANSFERRING and self.has_data_work:
             if self._tokens > 0:
                 return self._last_refill
             t = min(t, self._last_refill + (-self._tokens + 1) / self.config.max_rate)
@@ -221,7 +277,14 @@ class Sender:
 
     @property
     def has_data_work(self) -> bool:
-        return bool(self._repairs) or self._cursor < self._total
+        return bool(self._current or self._repairs or self._catchup) or self._cursor < self._nblocks
+
+    @property
+    def proactive_ratio(self) -> float:
+        """Proactive repair per block: the worst recent loss any active receiver reports."""
+        worst = max((c.loss for c in self.clients.values() if c.state == "joined"), default=0.0)
+        # p/(1-p) more symbols make k arrive on average at loss p.
+        return min(self.config.proactive_max, max(self.config.proactive_min, worst / max(1e-9, 1 - worst)))
 
     def stats(self) -> dict[str, float | int | str]:
         """Plain numbers for progress reports (Flower, Redis, logs)."""
@@ -233,12 +296,13 @@ class Sender:
             "clients_done": done,
             "clients_failed": failed,
             "bytes_sent": self.bytes_sent,
-            "data_packets": self.data_packets,
-            "repair_packets": self.repair_packets,
-            "percent": round(100.0 * self._cursor / self._total, 1) if self._total else 100.0,
+            "source_symbols": self.source_symbols,
+            "repair_symbols": self.repair_symbols,
+            "catchup_symbols": self.catchup_symbols,
+            "percent": round(100.0 * self._cursor / self._nblocks, 1) if self._nblocks else 100.0,
         }
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ session plane
 
     def _on_join(self, msg: Join, addr: object, now: float) -> None:
         cfg = self.config
@@ -286,19 +350,17 @@ class Sender:
         cfg = self.config
         joined = len(self.clients)
         if self.state == WAITING:
-            enough = joined >= max(1, cfg.expected_clients)
-            timed_out = joined >= 1 and now - self.opened_at >= cfg.start_timeout
-            if enough or timed_out:
+            reason = cfg.start.due(joined, self.opened_at, now)
+            if reason:
                 self.state = TRANSFERRING
                 self.started_at = now
                 self._last_refill = now
                 self._next_heartbeat = now
-                reason = "expected clients joined" if enough else "start timeout"
                 self._events.append(TransferStarted(reason, joined))
         if self.state == TRANSFERRING:
-            active = [c for c in self.clients.values() if c.state == "joined"]
+            active = any(c.state == "joined" for c in self.clients.values())
             window_closed = joined >= cfg.expected_clients or (
-                self.started_at is not None and now - self.started_at >= cfg.start_timeout
+                self.started_at is not None and now - self.started_at >= cfg.join_window
             )
             if not active and window_closed:
                 self._finish(now, "all clients accounted for")
@@ -309,62 +371,123 @@ class Sender:
         self.finish_reason = reason
         self._next_heartbeat = now
         self._repairs.clear()
+        self._catchup.clear()
+        self._current.clear()
         done = sum(1 for c in self.clients.values() if c.state == "done")
         failed = sum(1 for c in self.clients.values() if c.state == "failed")
         self._events.append(SessionFinished(reason, done, failed))
 
-    def _queue_repair(self, start: int, end: int) -> None:
-        """Queue symbols [start, end) not yet queued; only what this pass already sent."""
-        end = min(end, self._cursor)
-        pending = self._pending
-        pos = max(0, start)
-        while pos < end:
-            a = pending.find(0, pos, end)
-            if a < 0:
-                return
-            b = pending.find(1, a, end)
-            if b < 0:
-                b = end
-            pending[a:b] = b"\x01" * (b - a)
-            self._repairs.append([a, b])
-            pos = b
+    # ------------------------------------------------------------------ repair bookkeeping
 
-    def _next_index(self) -> int | None:
-        while self._repairs:
-            rng = self._repairs[0]
-            i = rng[0]
-            rng[0] += 1
-            if rng[0] >= rng[1]:
-                self._repairs.popleft()
-            if self._pending[i]:
-                self._pending[i] = 0
-                self.repair_packets += 1
-                return i
-        if self._cursor < self._total:
+    def _on_need(self, first: int, count: int, need: int, now: float) -> None:
+        """A receiver needs ``need`` more symbols in each of ``count`` blocks from ``first``."""
+        last = min(first + count, self._cursor, self._nblocks)
+        for b in range(max(0, first), last):
+            k = self.layout.block_k(b)
+            m = min(need, k)
+            if m <= 0:
+                continue
+            if 2 * m > k:
+                # Most of the block is missing (a late join, a blackout): resend it after the first
+                # pass, source symbols first.  They are new to such a receiver, whereas cycling through
+                # repair ids it may already hold (there are only 256 - k) could take many rounds.
+                # A repeated request never restarts a catch-up under way: it continues from its id.
+                self._catchup[b] = max(self._catchup.get(b, 0), m)
+                continue
+            t, recent = self._recent.get(b, (-math.inf, 0))
+            if now - t < self.config.inflight_window:
+                m -= recent  # those repairs are on their way to the reporter
+            if m > self._repairs.get(b, 0):
+                self._repairs[b] = m
+
+    def _next_symbols(self, now: float, limit: int) -> list[bytes]:
+        """The next packets: repairs first, then the first pass, then catch-up of whole blocks."""
+        if self._repairs:
+            b = next(iter(self._repairs))
+            m = self._repairs.pop(b)
+            n = min(m, limit)
+            if n < m:
+                self._repairs[b] = m - n
+            pkts = self._repair_packets(b, n)
+            t, recent = self._recent.get(b, (-math.inf, 0))
+            self._recent[b] = (now, n + (recent if now - t < self.config.inflight_window else 0))
+            if len(self._recent) > 4096:
+                self._recent = {blk: v for blk, v in self._recent.items()
+                                if now - v[0] < self.config.inflight_window}
+            self.repair_symbols += len(pkts)
+            return pkts
+        if not self._current and self._cursor < self._nblocks:
+            b = self._cursor
             self._cursor += 1
-            return self._cursor - 1
-        return None
+            k = self.layout.block_k(b)
+            r = min(N_MAX - k, math.ceil(k * self.proactive_ratio))
+            self._current.extend((b, esi) for esi in range(k + r))
+            self._next_esi[b] = k + r if k + r < N_MAX else k
+        if self._current:
+            out = []
+            while self._current and len(out) < limit:
+                b, esi = self._current.popleft()
+                if esi < self.layout.block_k(b):
+                    out.append(self._packet(b, esi, self._source(b)[esi]))
+                    self.source_symbols += 1
+                else:
+                    # Proactive repairs of the block just sent: generate them together.
+                    esis = [esi]
+                    while self._current and self._current[0][0] == b and len(esis) < limit - len(out):
+                        esis.append(self._current.popleft()[1])
+                    syms = self._codec.repair(self._source(b), esis)
+                    out.extend(self._packet(b, e, s) for e, s in zip(esis, syms, strict=True))
+                    self.repair_symbols += len(esis)
+            return out
+        if self._catchup:
+            b = next(iter(self._catchup))
+            m = self._catchup.pop(b)
+            n = min(m, limit)
+            if n < m:
+                self._catchup[b] = m - n
+            k = self.layout.block_k(b)
+            start = self._catchup_esi.get(b, 0)
+            esis = [(start + i) % N_MAX for i in range(n)]
+            self._catchup_esi[b] = (start + n) % N_MAX
+            src = self._source(b)
+            repair_esis = [e for e in esis if e >= k]
+            repairs = dict(zip(repair_esis, self._codec.repair(src, repair_esis), strict=True)) if repair_esis else {}
+            self.catchup_symbols += n
+            return [self._packet(b, e, src[e] if e < k else repairs[e]) for e in esis]
+        return []
 
-    def _data_packet(self, index: int) -> bytes:
-        block, symbol = divmod(index, self._bs)
-        data = self._blocks.get(block)
-        if data is None:
-            block_bytes = self._bs * self._ss
-            data = self._read(block * block_bytes, block_bytes)
-            self._blocks[block] = data
+    def _repair_packets(self, b: int, n: int) -> list[bytes]:
+        k = self.layout.block_k(b)
+        esis = []
+        esi = self._next_esi.get(b, k)
+        for _ in range(n):
+            esis.append(esi)
+            esi = (esi + 1) % N_MAX  # all 256 - k repair ids used: cycle through every id, source first
+        self._next_esi[b] = esi
+        src = self._source(b)
+        return [self._packet(b, e, s) for e, s in zip(esis, self._codec.repair(src, esis), strict=True)]
+
+    def _source(self, b: int) -> list[bytes]:
+        syms = self._blocks.get(b)
+        if syms is None:
+            k = self.layout.block_k(b)
+            data = self._read(self.layout.block_offset(b), self.layout.block_len(b))
+            syms = split_block(data, k, self.config.symbol_size)
+            self._blocks[b] = syms
             if len(self._blocks) > self.config.block_cache:
                 self._blocks.popitem(last=False)
         else:
-            self._blocks.move_to_end(block)
-        off = symbol * self._ss
-        self.data_packets += 1
-        return packets.encode_data(self.config.session_id, block, symbol,
-                                   memoryview(data)[off:off + self._ss])
+            self._blocks.move_to_end(b)
+        return syms
+
+    def _packet(self, block: int, esi: int, payload: bytes) -> bytes:
+        return packets.encode_data(self.config.session_id, block, esi, payload)
 
     def _heartbeat(self) -> bytes:
         flags = 0
-        if self._cursor >= self._total:
+        if self._cursor >= self._nblocks and not self._current:
             flags |= packets.HB_END_OF_PASS
         if self.state == FINISHED:
             flags |= packets.HB_FINISHED
-        return packets.encode_heartbeat(self.config.session_id, self._total, self._cursor, flags)
+        sent_through = self._cursor - (1 if self._current else 0)
+        return packets.encode_heartbeat(self.config.session_id, self._nblocks, sent_through, flags)

@@ -10,7 +10,7 @@ Celery message must change nothing.  ``p`` is the site's key prefix.
     {p}:deployments                 zset of deployment ids by creation time
     {p}:deployment:{id}             hash: image, dp, expected, state, reason, timings, counters
     {p}:deployment:{id}:clients     hash: client_id -> msgpack ClientResult (first terminal result wins)
-    {p}:deployment:{id}:progress    hash: client_id -> symbols received (volatile, from the DP)
+    {p}:deployment:{id}:progress    hash: client_id -> blocks received (volatile, from the DP)
     {p}:idempotency:{key}           string: deployment id made by that trigger key
     {p}:session:{id}:lease          string: "dp-name:fence" held by the DP running the session
     {p}:fence                       counter for lease fencing numbers

@@ -107,6 +107,7 @@ class DPSettings(_Component):
     max_rate_mbps: float = Field(400.0, gt=0, description="Ceiling of any session's send rate.")
     symbol_size: int = Field(1400, ge=256, le=8900, description="Payload bytes per datagram; "
                              "1,400 + 24-byte header fits a 1,500-byte MTU without fragmenting.")
-    block_symbols: int = Field(512, ge=1, le=65536, description="Symbols per block.")
+    block_symbols: int = Field(128, ge=1, le=255, description="Source symbols per Reed-Solomon block (k; "
+                               "k + repairs <= 256). Larger k: less repair overhead, more CPU per block.")
     concurrency: int = Field(4, ge=1, le=64, description="Sessions this agent runs at once.")
     heartbeat_s: float = Field(5.0, gt=0, description="How often the agent registers itself.")

@@ -17,7 +17,7 @@ import msgpack
 import redis
 
 from mcproto.errors import ConfigError, NotFoundError
-from mcproto.messages import ClientResult, ImageRef, SessionJob, SessionReport
+from mcproto.messages import ClientResult, DeployRequest, ImageRef, SessionJob, SessionReport
 from mcsite.keys import Keys
 from mcsite.settings import ControllerSettings
 
@@ -136,16 +136,16 @@ class State:
 
     # ------------------------------------------------------------------ deployments
 
-    def create_deployment(self, image: dict[str, str], dp: str, expected: int, start_timeout_s: float,
-                          max_rate_mbps: float | None, ctl: ControllerSettings,
-                          idempotency_key: str | None = None) -> tuple[str, SessionJob, bool]:
+    def create_deployment(self, image: dict[str, str], req: DeployRequest, ctl: ControllerSettings
+                          ) -> tuple[str, SessionJob, bool]:
         """Create a deployment and its session job; returns (id, job, created_now).
 
         With an idempotency key, a second call returns the first deployment.
         """
         dep_id = f"d-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        if idempotency_key:
-            key = self.k.idempotency(idempotency_key)
+        dp, expected = req.dp, req.clients
+        if req.idempotency_key:
+            key = self.k.idempotency(req.idempotency_key)
             if not self.r.set(key, dep_id, nx=True):
                 existing = _s(self.r.get(key))
                 return existing, self.session_job(existing), False
@@ -156,8 +156,8 @@ class State:
             deployment=dep_id, session_id=secrets.randbits(63) or 1, dp=dp,
             image=ImageRef(name=image["name"], path=image["path"], size=int(image["size"]),
                            sha256=image["sha256"]),
-            group=group, port=port, expected_clients=expected, start_timeout_s=start_timeout_s,
-            max_rate_mbps=max_rate_mbps,
+            group=group, port=port, expected_clients=expected, start_timeout_s=req.start_timeout_s,
+            start_clients=req.start_clients, start_at=req.start_at, max_rate_mbps=req.max_rate_mbps,
         )
         now = f"{time.time():.3f}"
         rec = {"id": dep_id, "image": image["name"], "dp": dp, "expected": str(expected),
@@ -202,7 +202,7 @@ class State:
                                  args=[res.client_id, packed, res.outcome, f"{time.time():.3f}"]))
 
     def set_progress(self, dep_id: str, progress: dict[str, int]) -> None:
-        """Volatile per-client progress (symbols received), written by the DP."""
+        """Volatile per-client progress (blocks received), written by the DP."""
         if not progress:
             return
         key = self.k.progress(dep_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mcproto import codec
@@ -15,7 +16,9 @@ from mcproto.errors import PacketError
 from mcproto.events import Acknowledged, GaveUp, TransferComplete
 from mcproto.messages import Join, Offer
 from mcproto.receiver import Receiver
-from mcproto.sender import FINISHED, Sender, SenderConfig
+from mcproto.sender import FINISHED, Sender, SenderConfig, StartPolicy
+
+LossFn = Callable[[random.Random], bool]
 
 
 @dataclass
@@ -27,26 +30,34 @@ class VirtualClient:
     out: bytearray = field(default_factory=bytearray)
     outcome: str = ""
     finished_at: float = 0.0
+    dropped: int = 0
+    max_partial: int = 0
+
+    def lose(self, rng: random.Random) -> bool:
+        return rng.random() < self.loss
 
 
 def run_session(image: bytes, clients: list[VirtualClient], *, seed: int = 1, step: float = 0.001,
-                max_time: float = 120.0, config: dict | None = None) -> tuple[Sender, float]:
+                max_time: float = 120.0, config: dict | None = None,
+                start: StartPolicy | None = None) -> tuple[Sender, float]:
     """Drive one session to its end on a virtual clock; returns the sender and the end time."""
     rng = random.Random(seed)
     now = 0.0
     cfg = SenderConfig(session_id=7, deployment="dep-1", group="239.255.0.1", port=5000,
                        image_size=len(image), image_sha256=hashlib.sha256(image).hexdigest(),
-                       **(config or {}))
+                       start=start or StartPolicy(), **(config or {}))
     sender = Sender(cfg, lambda off, n: image[off:off + n], now)
     sha = hashlib.sha256(image).hexdigest()
+    by_id = {c.client_id: c for c in clients}
     for c in clients:
         c.out = bytearray(len(image))
     while now < max_time:
         for c in clients:
             if c.receiver is None and now >= c.join_at:
-                sender.handle_message(codec.decode(codec.encode(Join(client_id=c.client_id))), c.client_id, now)
+                join = codec.decode(codec.encode(Join(client_id=c.client_id)))
+                sender.handle_message(join, c.client_id, now)
         for msg, addr in sender.replies():
-            c = next(x for x in clients if x.client_id == addr)
+            c = by_id[addr]  # type: ignore[index]
             wire = codec.decode(codec.encode(msg))
             if isinstance(wire, Offer) and c.receiver is None:
                 c.receiver = Receiver(wire, c.client_id, now)
@@ -56,19 +67,23 @@ def run_session(image: bytes, clients: list[VirtualClient], *, seed: int = 1, st
         for pkt in sender.datagrams_to_send(now, max_datagrams=256):
             for c in clients:
                 r = c.receiver
-                if r is None or r.done or rng.random() < c.loss:
+                if r is None or r.done:
+                    continue
+                if c.lose(rng):
+                    c.dropped += 1
                     continue
                 try:
                     w = r.receive_datagram(pkt, now)
                 except PacketError:
                     continue
                 if w is not None:
-                    off, payload = w
-                    c.out[off:off + len(payload)] = payload
+                    off, data = w
+                    c.out[off:off + len(data)] = data
         for c in clients:
             r = c.receiver
             if r is None:
                 continue
+            c.max_partial = max(c.max_partial, len(r._partial))
             r.handle_timer(now)
             while (ev := r.next_event()) is not None:
                 if isinstance(ev, TransferComplete):
@@ -82,7 +97,7 @@ def run_session(image: bytes, clients: list[VirtualClient], *, seed: int = 1, st
                 elif isinstance(ev, GaveUp):
                     c.outcome, c.finished_at = "gave up: " + ev.reason, now
             for msg in r.datagrams_to_send(now):
-                if rng.random() < c.loss:  # feedback is lossy too
+                if c.lose(rng):  # feedback is lossy too
                     continue
                 sender.handle_message(codec.decode(codec.encode(msg)), c.client_id, now)
         if sender.state == FINISHED and all(c.receiver is None or c.receiver.done for c in clients):

@@ -36,7 +36,7 @@ def _bad_datagrams() -> list[bytes]:
         msgpack.packb({"type": "offer", "version": 1}),  # a DP->client type sent to the DP
         msgpack.packb([1, 2, 3]),
         b"\x81" + b"\xa1a" * 3000,  # oversized (> 1,400 bytes)
-        codec.encode(Status(session_id=12345, client_id="ghost", received=0)),  # unknown session
+        codec.encode(Status(session_id=12345, client_id="ghost", blocks_done=0)),  # unknown session
     ]
 
 

@@ -8,10 +8,16 @@ import pytest
 
 from mcproto import packets
 from mcproto.errors import PacketError
-from mcproto.sender import FINISHED, Sender, SenderConfig
+from mcproto.messages import Join
+from mcproto.sender import FINISHED, Sender, SenderConfig, StartPolicy
 from tests.protocol_harness import VirtualClient, run_session
 
-IMAGE = os.urandom(3 * 1024 * 1024 + 123)  # not a multiple of the symbol size
+IMAGE = os.urandom(3 * 1024 * 1024 + 123)  # not a multiple of the symbol or block size
+SS = packets.DEFAULT_SYMBOL_SIZE
+
+
+def data_bytes(sender: Sender) -> int:
+    return (sender.source_symbols + sender.repair_symbols + sender.catchup_symbols) * SS
 
 
 def test_three_receivers_at_five_percent_loss_all_finish_bit_exact() -> None:
@@ -21,27 +27,33 @@ def test_three_receivers_at_five_percent_loss_all_finish_bit_exact() -> None:
     for c in clients:
         assert c.outcome == "done"
         assert bytes(c.out) == IMAGE
-    # NAK repair sends only what was lost somewhere: about 1 - (0.95 ** 3) = 14 % extra at most.
-    data_bytes = sender.data_packets * packets.DEFAULT_SYMBOL_SIZE
-    assert data_bytes <= 1.25 * len(IMAGE)
+    # Repair by "m more of block b", max over receivers: close to image / (1 - p).
+    assert data_bytes(sender) <= 1.15 * len(IMAGE) / 0.95
 
 
-def test_lossless_session_sends_each_symbol_once() -> None:
+def test_lossless_session_sends_source_plus_minimal_proactive_repair() -> None:
     clients = [VirtualClient("a", 0.0), VirtualClient("b", 0.0)]
     sender, _ = run_session(IMAGE, clients, config={"expected_clients": 2})
     assert all(bytes(c.out) == IMAGE for c in clients)
-    assert sender.repair_packets == 0
-    assert sender.data_packets == sender.config.total_symbols
+    assert sender.catchup_symbols == 0
+    total = sender.layout.total_symbols
+    assert sender.source_symbols == total
+    assert sender.repair_symbols <= 0.02 * total + sender.layout.blocks  # the 1 % floor, rounded up per block
+    assert all(c.receiver is not None and c.receiver.decoded_blocks == 0 for c in clients)
 
 
-def test_late_joiner_gets_what_it_missed_in_the_next_pass() -> None:
+def test_late_joiner_at_half_finishes_one_partial_pass_later() -> None:
+    rate = 5e6  # one pass = 0.63 s of virtual time, long against the 0.05-0.25 s feedback timers
     early = VirtualClient("early", 0.01)
-    late = VirtualClient("late", 0.01, join_at=0.05)
-    sender, _ = run_session(IMAGE, [early, late], config={"expected_clients": 1, "start_timeout": 5.0,
-                                                           "max_rate": 30e6})
+    late = VirtualClient("late", 0.01, join_at=0.5 * len(IMAGE) / rate)
+    sender, _ = run_session(IMAGE, [early, late], config={"expected_clients": 1, "join_window": 5.0,
+                                                             "max_rate": rate})
     assert early.outcome == late.outcome == "done"
     assert bytes(late.out) == IMAGE
-    assert sender.repair_packets > 0
+    assert sender.catchup_symbols + sender.repair_symbols > 0.4 * sender.layout.total_symbols
+    one_pass = len(IMAGE) / rate
+    # It missed half the image: it needs the first pass to end plus about half a pass more, not a full one.
+    assert late.finished_at - one_pass < 0.75 * one_pass
 
 
 def test_silent_client_is_dropped_and_the_session_still_ends() -> None:
@@ -55,10 +67,46 @@ def test_silent_client_is_dropped_and_the_session_still_ends() -> None:
     assert sender.state == FINISHED
 
 
-def test_empty_image_completes() -> None:
-    c = VirtualClient("a", 0.0)
-    sender, _ = run_session(b"", [c], config={"expected_clients": 1})
-    assert c.outcome == "done" and sender.state == FINISHED
+def test_empty_and_tiny_images_complete() -> None:
+    for image in (b"", b"x", os.urandom(SS + 1)):
+        c = VirtualClient("a", 0.0)
+        sender, _ = run_session(image, [c], config={"expected_clients": 1})
+        assert c.outcome == "done" and bytes(c.out) == image and sender.state == FINISHED
+
+
+def test_heavy_loss_is_still_bit_exact() -> None:
+    clients = [VirtualClient(f"pc{i}", loss=0.2) for i in range(4)]
+    sender, _ = run_session(IMAGE, clients, config={"expected_clients": 4, "max_rate": 100e6})
+    assert all(c.outcome == "done" and bytes(c.out) == IMAGE for c in clients)
+    assert sender.state == FINISHED
+    assert sum(c.receiver.decoded_blocks for c in clients if c.receiver) > 0
+
+
+def test_receiver_memory_stays_bounded_by_prompt_repair() -> None:
+    image = os.urandom(40 * 1024 * 1024)
+    rate = 50e6
+    clients = [VirtualClient("pc", 0.05)]
+    sender, _ = run_session(image, clients, config={"expected_clients": 1, "max_rate": rate})
+    assert clients[0].outcome == "done"
+    # Unfinished blocks held at once: about 0.2 s of data (feedback + repair latency), not the image.
+    assert clients[0].max_partial * sender.layout.block_bytes <= 0.2 * rate
+    assert clients[0].max_partial < 0.3 * sender.layout.blocks
+
+
+@pytest.mark.parametrize("policy, joiners, expect_start", [
+    (StartPolicy(clients=3), [0.0, 0.1, 0.2], 0.2),  # when N joined
+    (StartPolicy(delay=0.5), [0.0], 0.5),  # after a delay
+    (StartPolicy(at=0.3), [0.0], 0.3),  # at a time
+    (StartPolicy(clients=5, delay=0.4), [0.0, 0.1], 0.4),  # whichever comes first
+    (StartPolicy(), [0.25], 0.25),  # auto-cast: the first client starts it
+])
+def test_start_policies(policy: StartPolicy, joiners: list[float], expect_start: float) -> None:
+    clients = [VirtualClient(f"c{i}", 0.0, join_at=t) for i, t in enumerate(joiners)]
+    sender, _ = run_session(IMAGE[: 200_000], clients, start=policy,
+                            config={"expected_clients": len(joiners)})
+    assert sender.started_at is not None
+    assert sender.started_at == pytest.approx(expect_start, abs=0.0025)
+    assert all(c.outcome == "done" for c in clients)
 
 
 @pytest.mark.parametrize("mutate", [
@@ -68,7 +116,7 @@ def test_empty_image_completes() -> None:
     lambda p: p + b"extra",
     lambda p: p[:3] + bytes([77]) + p[4:],
 ])
-def test_malformed_packets_raise_packet_error(mutate) -> None:
+def test_malformed_packets_raise_packet_error(mutate) -> None:  # type: ignore[no-untyped-def]
     pkt = packets.encode_data(7, 0, 0, b"x" * 100)
     with pytest.raises(PacketError):
         packets.parse_header(mutate(pkt))
@@ -79,7 +127,6 @@ def test_sender_paces_to_max_rate() -> None:
     cfg = SenderConfig(session_id=1, deployment="d", group="g", port=1, image_size=len(image),
                        image_sha256="0" * 64, max_rate=1e6, expected_clients=1)
     s = Sender(cfg, lambda o, n: image[o:o + n], 0.0)
-    from mcproto.messages import Join
     s.handle_message(Join(client_id="c"), "c", 0.0)
     sent = 0
     t = 0.0
