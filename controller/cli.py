@@ -98,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     dp = sub.add_parser("dp", help="distribution points").add_subparsers(dest="dp_cmd", required=True)
     dp.add_parser("list", help="registered DPs and whether they are alive")
+
+    # Transport-only tools: no Redis, no controller (like udp-sender / udp-receiver).
+    from controller import simulate, standalone
+
+    standalone.add_send_arguments(sub.add_parser(
+        "send", help="multicast a file to receivers, standalone (no Redis or controller)",
+        description=standalone.SEND_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter))
+    standalone.add_receive_arguments(sub.add_parser(
+        "receive", help="receive a file from `mcdeploy send`, standalone",
+        description=standalone.RECEIVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter))
+    simulate.add_arguments(sub.add_parser(
+        "simulate", help="run the real sender against many virtual receivers on a virtual clock",
+        description=simulate.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter))
     return p
 
 
@@ -146,6 +159,14 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         from controller.worker import run_worker
 
         return run_worker(args.concurrency, args.loglevel)
+    if args.cmd in ("send", "receive"):
+        from controller import standalone
+
+        return standalone.run_send(args) if args.cmd == "send" else standalone.run_receive(args)
+    if args.cmd == "simulate":
+        from controller import simulate
+
+        return simulate.run(args)
     if args.cmd == "schema":
         schemas = {m.model_fields["type"].default: m.model_json_schema() for m in ALL_MESSAGES}
         if args.msg_type:

@@ -43,6 +43,20 @@ class Message(BaseModel):
 # --------------------------------------------------------------------------- session plane
 
 
+class Announce(Message):
+    """DP -> group (inside an ANNOUNCE packet): a session is here; join it at ``control``.
+
+    ``control_host`` empty means "the source address of this packet".
+    """
+
+    type: Literal["announce"] = "announce"
+    session_id: SessionId
+    deployment: Name
+    control_host: Annotated[str, StringConstraints(max_length=64)] = ""
+    control_port: Port
+    image_size: Annotated[int, Field(ge=0)]
+
+
 class Join(Message):
     """Client -> DP: who I am and, optionally, which deployment I expect."""
 
@@ -207,6 +221,6 @@ class SessionReport(Message):
     seconds: Annotated[float, Field(ge=0)] = 0.0
 
 
-SESSION_PLANE: tuple[type[Message], ...] = (Join, Offer, NoSession, Status, Done, Failed, Ack)
+SESSION_PLANE: tuple[type[Message], ...] = (Announce, Join, Offer, NoSession, Status, Done, Failed, Ack)
 CONTROL_PLANE: tuple[type[Message], ...] = (DeployRequest, SessionJob, ClientResult, SessionReport)
 ALL_MESSAGES: tuple[type[Message], ...] = (*SESSION_PLANE, *CONTROL_PLANE, ImageRef)

@@ -12,6 +12,9 @@ Header, network byte order::
 * DATA: ``block`` and ``symbol`` (the erasure-code symbol id, ESI: 0..k-1 are
   source symbols, k..255 repair symbols; see :mod:`mcproto.fec`); the payload
   is one symbol of exactly the negotiated symbol size.
+* ANNOUNCE: payload is a msgpack :class:`mcproto.messages.Announce` (decoded
+  with the one codec): where the session's control port is, so a receiver that
+  knows only the group can find it (standalone ``mcdeploy receive``, discovery).
 * HEARTBEAT: payload is ``!QQB`` = (total blocks, blocks the first pass has
   sent, flags).  Receivers learn from it how far the sender got, so they can
   ask for blocks whose every packet was lost (the tail, a late join).
@@ -28,6 +31,7 @@ MAGIC = b"MC"
 PACKET_VERSION = 1
 KIND_DATA = 1
 KIND_HEARTBEAT = 2
+KIND_ANNOUNCE = 3
 
 HEADER = struct.Struct("!2sBBBBHQII")
 HEADER_SIZE = HEADER.size  # 24
@@ -63,6 +67,11 @@ def encode_heartbeat(session_id: int, total_blocks: int, sent_through: int, flag
     return HEADER.pack(MAGIC, PACKET_VERSION, KIND_HEARTBEAT, 0, 0, len(body), session_id, 0, 0) + body
 
 
+def encode_announce(session_id: int, body: bytes) -> bytes:
+    """One ANNOUNCE datagram carrying an already encoded ``Announce`` message."""
+    return HEADER.pack(MAGIC, PACKET_VERSION, KIND_ANNOUNCE, 0, 0, len(body), session_id, 0, 0) + body
+
+
 def parse_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int]:
     """Validate framing; returns (kind, session_id, block, symbol, payload_len).
 
@@ -76,7 +85,7 @@ def parse_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int, i
         raise PacketError("bad magic")
     if ver != PACKET_VERSION:
         raise PacketError(f"unsupported packet version {ver}")
-    if kind not in (KIND_DATA, KIND_HEARTBEAT):
+    if kind not in (KIND_DATA, KIND_HEARTBEAT, KIND_ANNOUNCE):
         raise PacketError(f"unknown packet kind {kind}")
     if HEADER_SIZE + plen + tag_len != len(data):
         raise PacketError("length mismatch")

@@ -104,6 +104,8 @@ class Receiver:
         if session != self.session_id:
             raise PacketError("packet of another session")
         body = memoryview(data)[packets.HEADER_SIZE:packets.HEADER_SIZE + plen]
+        if kind == packets.KIND_ANNOUNCE:
+            return None  # for finding the session; a joined receiver has no use for it
         if kind == packets.KIND_HEARTBEAT:
             hb = packets.parse_heartbeat(session, body)
             if hb.total_blocks != self.blocks:

@@ -101,6 +101,8 @@ class SenderConfig:
     feedback_interval: float = 0.05
     inflight_window: float = 0.1  # repairs younger than this may not have reached a reporter yet
     heartbeat_interval: float = 0.2
+    announce: bytes = b""  # an encoded Announce to repeat on the group (empty: none)
+    announce_interval: float = 0.5
     client_timeout: float = 15.0
     deadline: float = 4 * 3600.0
     block_cache: int = 64
@@ -157,6 +159,7 @@ class Sender:
         self._next_heartbeat = now
         self._finished_beacons = 0
         self._pass_announced = False
+        self._next_announce = now
         self._blocks: OrderedDict[int, list[bytes]] = OrderedDict()
         self._replies: list[tuple[Message, object]] = []
         self._events: deque[SenderEvent] = deque()
@@ -250,6 +253,9 @@ class Sender:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + cfg.heartbeat_interval
             out.append(self._heartbeat())
+        if cfg.announce and now >= self._next_announce:
+            self._next_announce = now + cfg.announce_interval
+            out.append(packets.encode_announce(cfg.session_id, cfg.announce))
         for pkt in out:
             self.bytes_sent += len(pkt)
         return out
@@ -265,6 +271,8 @@ class Sender:
     def get_timer(self) -> float:
         """When the adapter must call ``handle_timer``/``datagrams_to_send`` next."""
         t = self._next_heartbeat
+        if self.config.announce and self.state != FINISHED:
+            t = min(t, self._next_announce)
         if self.state == WAITING:
             t = min(t, self.config.start.next_deadline(self.opened_at))
         elif self.state == TRANSFERRING and self.has_data_work:
