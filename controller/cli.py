@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--start-at", type=parse_time, help="start at this time (ISO 8601, e.g. 2026-12-01T20:00)")
     dep.add_argument("--rate", type=float, help="max rate in Mbit/s (default: the DP's)")
     dep.add_argument("--idempotency-key", help="the same key twice makes one deployment")
+    dep.add_argument("--slow-policy", choices=("hold", "drop"), default="hold",
+                     help="a client that cannot keep up: hold the session to it (slow down, default) or drop it")
+    dep.add_argument("--drop-below", type=float, metavar="MBPS",
+                     help="with --slow-policy drop: drop clients receiving below this rate (Mbit/s)")
+    dep.add_argument("--min-rate", type=float, metavar="MBPS", help="never slow the session below this (Mbit/s)")
+    dep.add_argument("--unicast-fallback", action="store_true",
+                     help="tell dropped clients they may fetch the image by unicast")
 
     st = sub.add_parser("status", help="deployments, or one deployment's clients")
     st.add_argument("deployment", nargs="?")
@@ -187,7 +194,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         configure(app, url)
         req = DeployRequest(image=args.image, dp=args.dp, clients=args.clients,
                             start_timeout_s=args.start_timeout, start_clients=args.start_clients,
-                            start_at=args.start_at, max_rate_mbps=args.rate,
+                            start_at=args.start_at, max_rate_mbps=args.rate, slow_policy=args.slow_policy,
+                            drop_below_mbps=args.drop_below, min_rate_mbps=args.min_rate,
+                            unicast_fallback=args.unicast_fallback,
                             idempotency_key=args.idempotency_key)
         dep_id, job, created = api.deploy(state, app, req)
         verb = "created" if created else "already exists (same idempotency key)"

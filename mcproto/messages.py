@@ -105,6 +105,7 @@ class Status(Message):
     blocks_done: Annotated[int, Field(ge=0)]
     needs: Annotated[list[NeedRange], Field(max_length=MAX_RANGES_PER_STATUS)] = []
     loss_permille: Annotated[int, Field(ge=0, le=1000)] = 0
+    recv_kbps: Annotated[int, Field(ge=0, lt=2**40)] | None = None  # data arrival rate since the last status
 
 
 class Done(Message):
@@ -127,6 +128,19 @@ class Failed(Message):
     reason: Reason
 
 
+class Drop(Message):
+    """DP -> client: you are removed from the multicast session (too slow), and why.
+
+    ``unicast_allowed``: the deployment lets this client fetch what it lacks by unicast.
+    """
+
+    type: Literal["drop"] = "drop"
+    session_id: SessionId
+    client_id: Name
+    reason: Reason
+    unicast_allowed: bool = False
+
+
 class Ack(Message):
     """DP -> client: your result was recorded (and relayed); ``outcome`` is what we recorded."""
 
@@ -145,7 +159,9 @@ class DeployRequest(Message):
 
     ``idempotency_key``: the same request twice makes one deployment.  Start policy (first
     condition met wins): ``start_clients`` joined (default: ``clients``), ``start_timeout_s``
-    elapsed, or the wall-clock time ``start_at`` (Unix seconds) reached.
+    elapsed, or the wall-clock time ``start_at`` (Unix seconds) reached.  Slow clients:
+    ``slow_policy`` "hold" (the session slows to the slowest, down to ``min_rate_mbps``) or "drop"
+    (a client receiving below ``drop_below_mbps`` is dropped, and told if ``unicast_fallback``).
     """
 
     type: Literal["deploy_request"] = "deploy_request"
@@ -157,6 +173,10 @@ class DeployRequest(Message):
     start_clients: Annotated[int, Field(ge=1, le=100_000)] | None = None
     start_at: Annotated[float, Field(gt=0)] | None = None
     max_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    slow_policy: Literal["hold", "drop"] = "hold"
+    drop_below_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    min_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    unicast_fallback: bool = False
 
 
 class ImageRef(Message):
@@ -186,6 +206,12 @@ class SessionJob(Message):
     start_clients: Annotated[int, Field(ge=1, le=100_000)] | None = None
     start_at: Annotated[float, Field(gt=0)] | None = None
     max_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    # Slow clients: "hold" slows the session to the slowest (down to min_rate_mbps); "drop"
+    # removes a client receiving below drop_below_mbps, telling it whether it may use unicast.
+    slow_policy: Literal["hold", "drop"] = "hold"
+    drop_below_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    min_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    unicast_fallback: bool = False
     deadline_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = 4 * 3600.0
 
 
@@ -221,6 +247,6 @@ class SessionReport(Message):
     seconds: Annotated[float, Field(ge=0)] = 0.0
 
 
-SESSION_PLANE: tuple[type[Message], ...] = (Announce, Join, Offer, NoSession, Status, Done, Failed, Ack)
+SESSION_PLANE: tuple[type[Message], ...] = (Announce, Join, Offer, NoSession, Status, Done, Failed, Drop, Ack)
 CONTROL_PLANE: tuple[type[Message], ...] = (DeployRequest, SessionJob, ClientResult, SessionReport)
 ALL_MESSAGES: tuple[type[Message], ...] = (*SESSION_PLANE, *CONTROL_PLANE, ImageRef)

@@ -31,7 +31,7 @@ from mcproto import packets
 from mcproto.errors import PacketError
 from mcproto.events import Acknowledged, GaveUp, ReceiverEvent, TransferComplete
 from mcproto.fec import Codec, Layout
-from mcproto.messages import MAX_RANGES_PER_STATUS, Ack, Done, Failed, Message, Offer, Status
+from mcproto.messages import MAX_RANGES_PER_STATUS, Ack, Done, Drop, Failed, Message, Offer, Status
 
 RECEIVING = "RECEIVING"
 COMPLETE = "COMPLETE"
@@ -68,7 +68,8 @@ class Receiver:
         self.duplicates = 0
         self.decoded_blocks = 0
         self.rejected = 0
-        self._loss = 0.0  # EWMA of the source-symbol loss of blocks as they complete
+        self._loss = 0.0  # EWMA of the loss seen in bursts of one block's packets
+        self._burst = [0, 256, -1]  # packets, lowest and highest symbol id of the current block's burst
         self._horizon = 0  # blocks below this have been passed by the sender's first pass
         self._last_block = -1  # block of the previous data packet
         self._prompt: set[int] = set()  # blocks the sender moved on from while still unfinished: ask now
@@ -87,6 +88,9 @@ class Receiver:
         self._report_backoff = 0.2
         self._next_report = math.inf
         self.reason = ""
+        self.unicast_allowed = False
+        self._window_symbols = 0  # data packets arrived since the last status (receive rate)
+        self._window_start = now
         self._events: deque[ReceiverEvent] = deque()
         self.state = RECEIVING
         if self.blocks == 0:
@@ -122,14 +126,22 @@ class Receiver:
         if plen != self._ss:
             raise PacketError("payload length does not match the offer")
         self._last_heard = now
+        self._window_symbols += 1  # arrival rate, duplicates included: what this receiver can take in
         if block > self._horizon:
             self._horizon = block  # the sender is on ``block``: every block before it was sent
+        burst = self._burst
         if block != self._last_block:
             # The sender moved on (a repair or catch-up burst ended): if that block is still short,
             # ask at the next status instead of waiting for the periodic rescan.
             if 0 <= self._last_block < self.blocks and not self._done[self._last_block]:
                 self._prompt.add(self._last_block)
             self._last_block = block
+            self._end_burst()
+        # Symbol ids within a burst are consecutive on the wire: gaps are packets lost on the way
+        # (the network, or our own full socket buffer) — the sender's rate control reads this.
+        burst[0] += 1
+        burst[1] = min(burst[1], esi)
+        burst[2] = max(burst[2], esi)
         if self._done[block] or self.state != RECEIVING:
             self.duplicates += 1
             return None
@@ -147,9 +159,14 @@ class Receiver:
         return self._complete_block(block, k, syms)
 
     def handle_message(self, msg: Message, now: float) -> None:
-        """A session-plane message from the DP (only ``Ack`` matters after the offer)."""
-        if not isinstance(msg, Ack) or msg.session_id != self.session_id or msg.client_id != self.client_id:
+        """A session-plane message from the DP: ``Ack`` of our result, or ``Drop`` (too slow)."""
+        if not isinstance(msg, Ack | Drop) or msg.session_id != self.session_id or msg.client_id != self.client_id:
             self.rejected += 1
+            return
+        if isinstance(msg, Drop):
+            if self.state in (RECEIVING, COMPLETE):
+                self.unicast_allowed = msg.unicast_allowed
+                self._give_up(f"dropped by the DP: {msg.reason}")
             return
         if self.state != REPORTING:
             return
@@ -188,9 +205,13 @@ class Receiver:
             needs = self._needs(now) if self.state == RECEIVING else []
             if needs or now - self._last_status >= self._keepalive_interval:
                 self._last_status = now
+                elapsed = now - self._window_start
+                kbps = round(self._window_symbols * self._ss * 8 / elapsed / 1000) if elapsed > 0 else None
+                self._window_symbols, self._window_start = 0, now
                 out.append(Status(session_id=self.session_id, client_id=self.client_id,
                                   blocks_done=self.blocks_done, needs=needs,
-                                  loss_permille=min(1000, round(self._loss * 1000))))
+                                  loss_permille=min(1000, round(self._loss * 1000)),
+                                  recv_kbps=kbps if self.state == RECEIVING else None))
         elif self.state == REPORTING and now >= self._next_report and self._report is not None:
             out.append(self._report)
             self._next_report = now + self._report_backoff
@@ -231,7 +252,7 @@ class Receiver:
         del self._partial[block]
         self._done[block] = 1
         self.blocks_done += 1
-        self._loss = 0.9 * self._loss + 0.1 * (missing_source / k)
+
         if self.blocks_done == self.blocks:
             self._complete()
         data = b"".join(source)[: self.layout.block_len(block)]
@@ -263,6 +284,14 @@ class Receiver:
             self._scan_pos = 0
             self._next_rescan = now + self._rescan_interval
         return ranges
+
+    def _end_burst(self) -> None:
+        count, low, high = self._burst
+        span = high - low + 1
+        if span >= 8 and count <= span:
+            weight = min(0.5, span / 512)
+            self._loss = (1 - weight) * self._loss + weight * (1 - count / span)
+        self._burst[:] = [0, 256, -1]
 
     def _complete(self) -> None:
         self.state = COMPLETE

@@ -40,7 +40,7 @@ from mcproto.events import (
     TransferStarted,
 )
 from mcproto.fec import N_MAX, Codec, Layout, split_block
-from mcproto.messages import Ack, Done, Failed, Join, Message, NoSession, Offer, Status
+from mcproto.messages import Ack, Done, Drop, Failed, Join, Message, NoSession, Offer, Status
 
 WAITING = "WAITING"
 TRANSFERRING = "TRANSFERRING"
@@ -81,6 +81,37 @@ class StartPolicy:
 
 
 @dataclass(frozen=True)
+class RatePolicy:
+    """How the send rate follows the receivers, and what happens to a client that cannot keep up.
+
+    Adaptive rate (AIMD): every ``interval`` the sender looks at the worst loss among the clients
+    that count (each measures the gaps in the symbol ids it receives, its own full socket buffer
+    included).  Above ``loss_ceiling`` the rate is multiplied by ``decrease``; below half of it the
+    rate grows by ``increase`` x max_rate, never beyond max_rate nor below ``min_rate``.  Loss that
+    slowing down cannot cure (a bad link) is indistinguishable here: a path losing more than
+    ``loss_ceiling`` makes the session run at ``min_rate``, which the FEC then covers.
+
+    Slow clients (``slow_policy``):
+    * ``hold``: everyone counts; the session slows to what the slowest client can take (down to
+      ``min_rate``).
+    * ``drop``: a client whose receive rate stays below ``drop_below`` (bytes/s) for ``slow_grace``
+      seconds while the sender sends faster is dropped, told why and whether it may fall back to
+      unicast (``unicast_fallback``); such a client does not slow the others meanwhile.
+    """
+
+    adaptive: bool = True
+    min_rate: float = 1e6
+    loss_ceiling: float = 0.08
+    decrease: float = 0.85
+    increase: float = 0.05
+    interval: float = 0.25
+    slow_policy: str = "hold"  # hold | drop
+    drop_below: float = 0.0
+    slow_grace: float = 2.0
+    unicast_fallback: bool = False
+
+
+@dataclass(frozen=True)
 class SenderConfig:
     """Parameters of one session; times in seconds, rates in bytes per second."""
 
@@ -94,6 +125,7 @@ class SenderConfig:
     block_symbols: int = 128
     expected_clients: int = 0
     start: StartPolicy = StartPolicy()
+    rate: RatePolicy = RatePolicy()
     join_window: float = 60.0  # after the start, wait this long for expected clients still missing
     max_rate: float = 50e6
     proactive_min: float = 0.01  # proactive repair per block, as a fraction of k, at least
@@ -122,6 +154,8 @@ class ClientRecord:
     last_seen: float
     blocks_done: int = 0
     loss: float = 0.0
+    recv_rate: float | None = None  # bytes/s of data arriving at the client, as it reports
+    slow_since: float | None = None
     state: str = "joined"  # joined | done | failed
     reason: str = ""
     sha256: str | None = None
@@ -151,8 +185,11 @@ class Sender:
         self._repairs: dict[int, int] = {}
         self._catchup: dict[int, int] = {}  # whole blocks for late joiners, after the first pass
         self._catchup_esi: dict[int, int] = {}  # where each block's catch-up continues (ids cycle 0..255)
+        self._catchup_for: dict[int, set[str]] = {}  # who asked for each catch-up (dropped when they leave)
         self._next_esi: dict[int, int] = {}  # next fresh repair symbol id per block
         self._recent: dict[int, tuple[float, int]] = {}  # block -> (time of last repair, count in window)
+        self.rate = config.max_rate  # current send rate, bytes/s (adaptive)
+        self._next_rate_check = now
         self._tokens = 0.0
         self._burst = max(16 * (config.symbol_size + packets.HEADER_SIZE), config.max_rate * 0.004)
         self._last_refill = now
@@ -185,9 +222,11 @@ class Sender:
         if isinstance(msg, Status):
             client.blocks_done = max(client.blocks_done, min(msg.blocks_done, self._nblocks))
             client.loss = msg.loss_permille / 1000.0
+            if msg.recv_kbps is not None:
+                client.recv_rate = msg.recv_kbps * 1000 / 8
             if self.state == TRANSFERRING and client.state == "joined":
                 for first, count, need in msg.needs:
-                    self._on_need(first, count, need, now)
+                    self._on_need(first, count, need, now, client.client_id)
         elif isinstance(msg, Done):
             if client.state == "joined":
                 if msg.sha256 == self.config.image_sha256 and msg.bytes == self.config.image_size:
@@ -213,6 +252,9 @@ class Sender:
             if c.state == "joined" and now - c.last_seen > self.config.client_timeout:
                 self._finish_client(c, "failed", f"no feedback for {self.config.client_timeout:g} s",
                                     None, now - c.joined_at)
+        if self.state == TRANSFERRING and now >= self._next_rate_check:
+            self._next_rate_check = now + self.config.rate.interval
+            self._adapt_rate(now)
         self._check_progress(now)
 
     def abort(self, reason: str, now: float) -> None:
@@ -237,7 +279,7 @@ class Sender:
                 out.append(self._heartbeat())
             return out
         if self.state == TRANSFERRING:
-            self._tokens = min(self._burst, self._tokens + (now - self._last_refill) * cfg.max_rate)
+            self._tokens = min(self._burst, self._tokens + (now - self._last_refill) * self.rate)
             self._last_refill = now
             pkt_size = cfg.symbol_size + packets.HEADER_SIZE
             while self._tokens > 0 and len(out) < max_datagrams:
@@ -278,7 +320,7 @@ class Sender:
         elif self.state == TRANSFERRING and self.has_data_work:
             if self._tokens > 0:
                 return self._last_refill
-            t = min(t, self._last_refill + (-self._tokens + 1) / self.config.max_rate)
+            t = min(t, self._last_refill + (-self._tokens + 1) / self.rate)
         elif self.state == FINISHED and self._finished_beacons >= 3:
             return math.inf
         return t
@@ -289,8 +331,12 @@ class Sender:
 
     @property
     def proactive_ratio(self) -> float:
-        """Proactive repair per block: the worst recent loss any active receiver reports."""
-        worst = max((c.loss for c in self.clients.values() if c.state == "joined"), default=0.0)
+        """Proactive repair per block, from the worst recent loss of the clients that count.
+
+        A client about to be dropped as too slow does not count: its losses are its own.
+        """
+        worst = max((c.loss for c in self.clients.values() if c.state == "joined" and c.slow_since is None),
+                    default=0.0)
         # p/(1-p) more symbols make k arrive on average at loss p.
         return min(self.config.proactive_max, max(self.config.proactive_min, worst / max(1e-9, 1 - worst)))
 
@@ -308,6 +354,7 @@ class Sender:
             "repair_symbols": self.repair_symbols,
             "catchup_symbols": self.catchup_symbols,
             "percent": round(100.0 * self._cursor / self._nblocks, 1) if self._nblocks else 100.0,
+            "send_rate_mbps": round(self.rate * 8 / 1e6, 1),
         }
 
     # ------------------------------------------------------------------ session plane
@@ -349,6 +396,12 @@ class Sender:
     def _finish_client(self, client: ClientRecord, outcome: str, reason: str, sha256: str | None,
                        seconds: float) -> None:
         client.state, client.reason, client.sha256, client.seconds = outcome, reason, sha256, seconds
+        for b in [b for b, who in self._catchup_for.items() if client.client_id in who]:
+            who = self._catchup_for[b]
+            who.discard(client.client_id)
+            if not who:  # nobody left who needs this block resent whole
+                del self._catchup_for[b]
+                self._catchup.pop(b, None)
         self._events.append(ClientFinished(
             client.client_id, outcome, reason, sha256,
             self.config.image_size if outcome == "done" else 0, seconds, client.address,
@@ -385,9 +438,45 @@ class Sender:
         failed = sum(1 for c in self.clients.values() if c.state == "failed")
         self._events.append(SessionFinished(reason, done, failed))
 
+    # ------------------------------------------------------------------ rate and slow clients
+
+    def _adapt_rate(self, now: float) -> None:
+        pol = self.config.rate
+        counted = []
+        for c in self.clients.values():
+            if c.state != "joined":
+                continue
+            slow = (pol.slow_policy == "drop" and c.recv_rate is not None
+                    and c.recv_rate < min(pol.drop_below, 0.5 * self.rate))
+            if slow:
+                if c.slow_since is None:
+                    c.slow_since = now
+                elif now - c.slow_since >= pol.slow_grace:
+                    self._drop(c, now)
+                continue  # a client being dropped does not slow the others
+            c.slow_since = None
+            counted.append(c)
+        if not pol.adaptive or not counted:
+            return
+        worst = max(c.loss for c in counted)
+        floor = max(pol.min_rate, pol.drop_below if pol.slow_policy == "drop" else 0.0)
+        if worst > pol.loss_ceiling:
+            self.rate = max(min(floor, self.config.max_rate), self.rate * pol.decrease)
+        elif worst < pol.loss_ceiling / 2:
+            self.rate = min(self.config.max_rate, self.rate + pol.increase * self.config.max_rate)
+
+    def _drop(self, client: ClientRecord, now: float) -> None:
+        pol = self.config.rate
+        rate = (client.recv_rate or 0.0) * 8 / 1e6
+        reason = (f"too slow for this session: receiving {rate:.1f} Mbit/s, below the minimum "
+                  f"{pol.drop_below * 8 / 1e6:.1f} Mbit/s")
+        self._replies.append((Drop(session_id=self.config.session_id, client_id=client.client_id,
+                                   reason=reason, unicast_allowed=pol.unicast_fallback), client.addr))
+        self._finish_client(client, "failed", reason, None, now - client.joined_at)
+
     # ------------------------------------------------------------------ repair bookkeeping
 
-    def _on_need(self, first: int, count: int, need: int, now: float) -> None:
+    def _on_need(self, first: int, count: int, need: int, now: float, client_id: str = "") -> None:
         """A receiver needs ``need`` more symbols in each of ``count`` blocks from ``first``."""
         last = min(first + count, self._cursor, self._nblocks)
         for b in range(max(0, first), last):
@@ -401,6 +490,7 @@ class Sender:
                 # repair ids it may already hold (there are only 256 - k) could take many rounds.
                 # A repeated request never restarts a catch-up under way: it continues from its id.
                 self._catchup[b] = max(self._catchup.get(b, 0), m)
+                self._catchup_for.setdefault(b, set()).add(client_id)
                 continue
             t, recent = self._recent.get(b, (-math.inf, 0))
             if now - t < self.config.inflight_window:
@@ -453,6 +543,8 @@ class Sender:
             n = min(m, limit)
             if n < m:
                 self._catchup[b] = m - n
+            else:
+                self._catchup_for.pop(b, None)
             k = self.layout.block_k(b)
             start = self._catchup_esi.get(b, 0)
             esis = [(start + i) % N_MAX for i in range(n)]

@@ -32,9 +32,24 @@ class VirtualClient:
     finished_at: float = 0.0
     dropped: int = 0
     max_partial: int = 0
+    capacity: float = 0.0  # bytes/s this receiver can take in (0: unlimited), like a slow CPU
+    buffer: int = 256 * 1024  # its socket buffer: arrivals beyond it are lost
+    _queue: float = 0.0
+    _drained_at: float = 0.0
 
     def lose(self, rng: random.Random) -> bool:
         return rng.random() < self.loss
+
+    def overflows(self, now: float, size: int) -> bool:
+        """The receiver's socket buffer is full (it drains at ``capacity``)."""
+        if not self.capacity:
+            return False
+        self._queue = max(0.0, self._queue - (now - self._drained_at) * self.capacity)
+        self._drained_at = now
+        if self._queue + size > self.buffer:
+            return True
+        self._queue += size
+        return False
 
 
 def run_session(image: bytes, clients: list[VirtualClient], *, seed: int = 1, step: float = 0.001,
@@ -69,7 +84,7 @@ def run_session(image: bytes, clients: list[VirtualClient], *, seed: int = 1, st
                 r = c.receiver
                 if r is None or r.done:
                     continue
-                if c.lose(rng):
+                if c.lose(rng) or c.overflows(now, len(pkt)):
                     c.dropped += 1
                     continue
                 try:

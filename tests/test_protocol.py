@@ -9,7 +9,7 @@ import pytest
 from mcproto import packets
 from mcproto.errors import PacketError
 from mcproto.messages import Join
-from mcproto.sender import FINISHED, Sender, SenderConfig, StartPolicy
+from mcproto.sender import FINISHED, RatePolicy, Sender, SenderConfig, StartPolicy
 from tests.protocol_harness import VirtualClient, run_session
 
 IMAGE = os.urandom(3 * 1024 * 1024 + 123)  # not a multiple of the symbol or block size
@@ -135,3 +135,42 @@ def test_sender_paces_to_max_rate() -> None:
         t += 0.001
     # 0.5 s at 1 MB/s: 500 kB plus one burst of tokens and heartbeats.
     assert 450_000 <= sent <= 530_000
+
+
+SLOW_IMAGE = os.urandom(16 * 1024 * 1024)
+RATE = 16e6  # one pass = 1 s of virtual time
+
+
+def _fleet(throttled: bool) -> list[VirtualClient]:
+    clients = [VirtualClient(f"fast{i}", 0.01) for i in range(3)]
+    if throttled:
+        clients.append(VirtualClient("slow", 0.01, capacity=RATE / 10))
+    return clients
+
+
+def test_drop_policy_drops_a_throttled_client_and_the_others_barely_notice() -> None:
+    policy = RatePolicy(slow_policy="drop", drop_below=RATE / 2, slow_grace=0.3, unicast_fallback=True)
+    config = {"max_rate": RATE, "rate": policy}
+    base = _fleet(throttled=False)
+    run_session(SLOW_IMAGE, base, config={**config, "expected_clients": 3})
+    clients = _fleet(throttled=True)
+    sender, _ = run_session(SLOW_IMAGE, clients, config={**config, "expected_clients": 4})
+    slow = clients[-1]
+    assert slow.outcome.startswith("gave up: dropped by the DP: too slow")
+    assert slow.receiver is not None and slow.receiver.unicast_allowed
+    assert sender.clients["slow"].state == "failed" and "too slow" in sender.clients["slow"].reason
+    for fast, ref in zip(clients[:3], base, strict=True):
+        assert fast.outcome == "done" and bytes(fast.out) == SLOW_IMAGE
+        assert fast.finished_at <= 1.2 * ref.finished_at
+
+
+def test_hold_policy_slows_the_session_to_the_slowest_client() -> None:
+    clients = _fleet(throttled=True)
+    sender, _ = run_session(SLOW_IMAGE, clients, config={"max_rate": RATE, "expected_clients": 4,
+                                                         "rate": RatePolicy(slow_policy="hold", min_rate=RATE / 20)},
+                            max_time=120)
+    assert all(c.outcome == "done" and bytes(c.out) == SLOW_IMAGE for c in clients)
+    assert sender.rate < RATE / 2  # it adapted down towards the slow client's 1/10
+    # Without adaptation the slow client would lose 90 % of a 40 MB/s stream; with it, the wire
+    # carries far less than 10 passes' worth.
+    assert sender.bytes_sent < 4 * len(SLOW_IMAGE)
