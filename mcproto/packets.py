@@ -4,6 +4,9 @@ Pure: no I/O.  Image bytes are not coordination messages, so they are not
 msgpack: a fixed 24-byte header, the payload, and room for an authentication
 tag (``tag_len`` bytes after the payload; 0 until packets are authenticated).
 
+DATA packets end with a 4-byte CRC-32 of header + payload in the tag space
+(the AEAD tag replaces it when packets are authenticated).
+
 Header, network byte order::
 
     0      2    3     4      5        6            8           16      20       24
@@ -23,6 +26,7 @@ Header, network byte order::
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 
 from mcproto.errors import PacketError
@@ -36,6 +40,8 @@ KIND_ANNOUNCE = 3
 HEADER = struct.Struct("!2sBBBBHQII")
 HEADER_SIZE = HEADER.size  # 24
 HEARTBEAT_BODY = struct.Struct("!QQB")
+CRC = struct.Struct("!I")
+CRC_LEN = CRC.size
 
 HB_END_OF_PASS = 0x01  # the sender has sent every symbol at least once
 HB_FINISHED = 0x02  # the session is over; receivers still incomplete should give up
@@ -58,7 +64,8 @@ class Heartbeat:
 
 def encode_data(session_id: int, block: int, symbol: int, payload: bytes | memoryview) -> bytes:
     """One DATA datagram; the caller guarantees ``payload`` fits the negotiated symbol size."""
-    return HEADER.pack(MAGIC, PACKET_VERSION, KIND_DATA, 0, 0, len(payload), session_id, block, symbol) + payload
+    pkt = HEADER.pack(MAGIC, PACKET_VERSION, KIND_DATA, 0, CRC_LEN, len(payload), session_id, block, symbol) + payload
+    return pkt + CRC.pack(zlib.crc32(pkt))
 
 
 def encode_heartbeat(session_id: int, total_blocks: int, sent_through: int, flags: int) -> bytes:
@@ -89,6 +96,14 @@ def parse_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int, i
         raise PacketError(f"unknown packet kind {kind}")
     if HEADER_SIZE + plen + tag_len != len(data):
         raise PacketError("length mismatch")
+    if kind == KIND_DATA:
+        # Until packets carry an AEAD tag, DATA carries a CRC-32 in the tag space: a damaged packet
+        # (a bad NIC, a buggy middlebox, a UDP checksum of 0) is dropped, never written.
+        if tag_len != CRC_LEN:
+            raise PacketError("data packet without checksum")
+        end = HEADER_SIZE + plen
+        if CRC.unpack_from(data, end)[0] != zlib.crc32(memoryview(data)[:end]):
+            raise PacketError("checksum mismatch")
     return kind, session, block, symbol, plen
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mcproto import packets
 from mcproto.errors import PacketError
@@ -174,3 +176,15 @@ def test_hold_policy_slows_the_session_to_the_slowest_client() -> None:
     # Without adaptation the slow client would lose 90 % of a 40 MB/s stream; with it, the wire
     # carries far less than 10 passes' worth.
     assert sender.bytes_sent < 4 * len(SLOW_IMAGE)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.integers(min_value=0), st.integers(min_value=1, max_value=255))
+def test_any_single_byte_change_of_a_data_packet_is_rejected(pos: int, xor: int) -> None:
+    pkt = bytearray(packets.encode_data(7, 3, 5, os.urandom(SS)))
+    pkt[pos % len(pkt)] ^= xor
+    with pytest.raises(PacketError):
+        kind, session, block, esi, _ = packets.parse_header(bytes(pkt))
+        # A change that still parses must at least not pass as the original packet of this session.
+        if (kind, session, block, esi) != (packets.KIND_DATA, 7, 3, 5):
+            raise PacketError("changed identity")
