@@ -91,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--start-at", type=parse_time, help="start at this time (ISO 8601, e.g. 2026-12-01T20:00)")
     dep.add_argument("--rate", type=float, help="max rate in Mbit/s (default: the DP's)")
     dep.add_argument("--idempotency-key", help="the same key twice makes one deployment")
-    dep.add_argument("--slow-policy", choices=("hold", "drop"), default="hold",
-                     help="a client that cannot keep up: hold the session to it (slow down, default) or drop it")
+    dep.add_argument("--slow-policy", choices=("hold", "drop", "tier"), default="hold",
+                     help="a client that cannot keep up: hold the session to it (slow down, default), drop it, "
+                     "or move it to a slower stream (tier: 1/3, then 1/10 of the rate)")
     dep.add_argument("--drop-below", type=float, metavar="MBPS",
-                     help="with --slow-policy drop: drop clients receiving below this rate (Mbit/s)")
+                     help="with --slow-policy drop/tier: a client receiving below this rate (Mbit/s) is slow")
     dep.add_argument("--min-rate", type=float, metavar="MBPS", help="never slow the session below this (Mbit/s)")
     dep.add_argument("--unicast-fallback", action="store_true",
                      help="tell dropped clients they may fetch the image by unicast")

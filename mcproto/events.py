@@ -35,6 +35,14 @@ class ClientFinished:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientTooSlow:
+    """Sender (tier policy): this client cannot keep up here; it was let go to move to a slower tier."""
+
+    client_id: str
+    recv_rate: float
+
+
+@dataclass(frozen=True, slots=True)
 class SessionFinished:
     reason: str
     clients_done: int
@@ -61,5 +69,13 @@ class GaveUp:
     reason: str
 
 
-SenderEvent = ClientJoined | TransferStarted | ClientFinished | SessionFinished
-ReceiverEvent = TransferComplete | Acknowledged | GaveUp
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """Receiver: the DP moved us to another group (a slower tier); the adapter re-joins there."""
+
+    group: str
+    port: int
+
+
+SenderEvent = ClientJoined | TransferStarted | ClientFinished | ClientTooSlow | SessionFinished
+ReceiverEvent = TransferComplete | Acknowledged | GaveUp | Moved

@@ -160,8 +160,9 @@ class DeployRequest(Message):
     ``idempotency_key``: the same request twice makes one deployment.  Start policy (first
     condition met wins): ``start_clients`` joined (default: ``clients``), ``start_timeout_s``
     elapsed, or the wall-clock time ``start_at`` (Unix seconds) reached.  Slow clients:
-    ``slow_policy`` "hold" (the session slows to the slowest, down to ``min_rate_mbps``) or "drop"
-    (a client receiving below ``drop_below_mbps`` is dropped, and told if ``unicast_fallback``).
+    ``slow_policy`` "hold" (the session slows to the slowest, down to ``min_rate_mbps``), "drop"
+    (a client receiving below ``drop_below_mbps`` is dropped, and told if ``unicast_fallback``) or
+    "tier" (such a client moves to a slower stream: 1/3, then 1/10 of the rate, WDS multistream).
     """
 
     type: Literal["deploy_request"] = "deploy_request"
@@ -173,10 +174,19 @@ class DeployRequest(Message):
     start_clients: Annotated[int, Field(ge=1, le=100_000)] | None = None
     start_at: Annotated[float, Field(gt=0)] | None = None
     max_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
-    slow_policy: Literal["hold", "drop"] = "hold"
+    slow_policy: Literal["hold", "drop", "tier"] = "hold"
     drop_below_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
     min_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
     unicast_fallback: bool = False
+
+
+class Tier(Message):
+    """One slower stream of a tiered session: its group, port and maximum rate."""
+
+    type: Literal["tier"] = "tier"
+    group: Annotated[str, StringConstraints(max_length=64)]
+    port: Port
+    max_rate_mbps: Annotated[float, Field(gt=0, le=100_000)]
 
 
 class ImageRef(Message):
@@ -212,6 +222,7 @@ class SessionJob(Message):
     drop_below_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
     min_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
     unicast_fallback: bool = False
+    tiers: Annotated[list[Tier], Field(max_length=2)] = []  # slower streams for slow_policy "tier"
     deadline_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = 4 * 3600.0
 
 
@@ -249,4 +260,4 @@ class SessionReport(Message):
 
 SESSION_PLANE: tuple[type[Message], ...] = (Announce, Join, Offer, NoSession, Status, Done, Failed, Drop, Ack)
 CONTROL_PLANE: tuple[type[Message], ...] = (DeployRequest, SessionJob, ClientResult, SessionReport)
-ALL_MESSAGES: tuple[type[Message], ...] = (*SESSION_PLANE, *CONTROL_PLANE, ImageRef)
+ALL_MESSAGES: tuple[type[Message], ...] = (*SESSION_PLANE, *CONTROL_PLANE, ImageRef, Tier)

@@ -29,7 +29,7 @@ from collections import deque
 
 from mcproto import packets
 from mcproto.errors import PacketError
-from mcproto.events import Acknowledged, GaveUp, ReceiverEvent, TransferComplete
+from mcproto.events import Acknowledged, GaveUp, Moved, ReceiverEvent, TransferComplete
 from mcproto.fec import Codec, Layout
 from mcproto.messages import MAX_RANGES_PER_STATUS, Ack, Done, Drop, Failed, Message, Offer, Status
 
@@ -160,6 +160,15 @@ class Receiver:
 
     def handle_message(self, msg: Message, now: float) -> None:
         """A session-plane message from the DP: ``Ack`` of our result, or ``Drop`` (too slow)."""
+        if isinstance(msg, Offer) and msg.session_id == self.session_id:
+            # Moved to another stream of the same session (a slower tier): same image, same layout.
+            same = (msg.image_size, msg.image_sha256, msg.symbol_size, msg.block_symbols) == (
+                self.offer.image_size, self.offer.image_sha256, self.offer.symbol_size, self.offer.block_symbols)
+            if same and (msg.group, msg.port) != (self.offer.group, self.offer.port) and self.state == RECEIVING:
+                self.offer = msg
+                self._last_heard = now
+                self._events.append(Moved(msg.group, msg.port))
+            return
         if not isinstance(msg, Ack | Drop) or msg.session_id != self.session_id or msg.client_id != self.client_id:
             self.rejected += 1
             return

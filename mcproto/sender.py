@@ -35,6 +35,7 @@ from mcproto import packets
 from mcproto.events import (
     ClientFinished,
     ClientJoined,
+    ClientTooSlow,
     SenderEvent,
     SessionFinished,
     TransferStarted,
@@ -97,6 +98,8 @@ class RatePolicy:
     * ``drop``: a client whose receive rate stays below ``drop_below`` (bytes/s) for ``slow_grace``
       seconds while the sender sends faster is dropped, told why and whether it may fall back to
       unicast (``unicast_fallback``); such a client does not slow the others meanwhile.
+    * ``tier``: such a client is let go with a ``ClientTooSlow`` event instead, for
+      :class:`mcproto.tiers.TieredSession` to move it to a slower stream (WDS multistream).
     """
 
     adaptive: bool = True
@@ -105,7 +108,7 @@ class RatePolicy:
     decrease: float = 0.85
     increase: float = 0.05
     interval: float = 0.25
-    slow_policy: str = "hold"  # hold | drop
+    slow_policy: str = "hold"  # hold | drop | tier
     drop_below: float = 0.0
     slow_grace: float = 2.0
     unicast_fallback: bool = False
@@ -156,7 +159,8 @@ class ClientRecord:
     loss: float = 0.0
     recv_rate: float | None = None  # bytes/s of data arriving at the client, as it reports
     slow_since: float | None = None
-    state: str = "joined"  # joined | done | failed
+    moved_at: float = -math.inf
+    state: str = "joined"  # joined | done | failed | moved
     reason: str = ""
     sha256: str | None = None
     seconds: float = 0.0
@@ -302,6 +306,11 @@ class Sender:
             self.bytes_sent += len(pkt)
         return out
 
+    def addressed_datagrams(self, now: float, max_datagrams: int = 64) -> list[tuple[bytes, tuple[str, int]]]:
+        """``datagrams_to_send`` with each packet's destination group (one interface for tiers too)."""
+        dest = (self.config.group, self.config.port)
+        return [(pkt, dest) for pkt in self.datagrams_to_send(now, max_datagrams)]
+
     def replies(self) -> list[tuple[Message, object]]:
         """Session-plane answers as (message, address) pairs; clears the queue."""
         out, self._replies = self._replies, []
@@ -419,7 +428,10 @@ class Sender:
                 self._next_heartbeat = now
                 self._events.append(TransferStarted(reason, joined))
         if self.state == TRANSFERRING:
-            active = any(c.state == "joined" for c in self.clients.values())
+            # A client just moved to another tier may still listen here until its new offer lands:
+            # do not wave it off with FINISHED heartbeats for a moment.
+            active = any(c.state == "joined" or (c.state == "moved" and now - c.moved_at < 1.0)
+                         for c in self.clients.values())
             window_closed = joined >= cfg.expected_clients or (
                 self.started_at is not None and now - self.started_at >= cfg.join_window
             )
@@ -446,20 +458,25 @@ class Sender:
         for c in self.clients.values():
             if c.state != "joined":
                 continue
-            slow = (pol.slow_policy == "drop" and c.recv_rate is not None
+            slow = (pol.slow_policy in ("drop", "tier") and c.recv_rate is not None
                     and c.recv_rate < min(pol.drop_below, 0.5 * self.rate))
             if slow:
                 if c.slow_since is None:
                     c.slow_since = now
                 elif now - c.slow_since >= pol.slow_grace:
-                    self._drop(c, now)
-                continue  # a client being dropped does not slow the others
+                    if pol.slow_policy == "tier":
+                        c.state = "moved"
+                        c.moved_at = now
+                        self._events.append(ClientTooSlow(c.client_id, c.recv_rate or 0.0))
+                    else:
+                        self._drop(c, now)
+                continue  # a client being dropped or moved does not slow the others
             c.slow_since = None
             counted.append(c)
         if not pol.adaptive or not counted:
             return
         worst = max(c.loss for c in counted)
-        floor = max(pol.min_rate, pol.drop_below if pol.slow_policy == "drop" else 0.0)
+        floor = max(pol.min_rate, pol.drop_below if pol.slow_policy in ("drop", "tier") else 0.0)
         if worst > pol.loss_ceiling:
             self.rate = max(min(floor, self.config.max_rate), self.rate * pol.decrease)
         elif worst < pol.loss_ceiling / 2:

@@ -87,6 +87,8 @@ class ControllerSettings(_Component):
     port_min: int = Field(47200, ge=1024, le=65535, description="Lowest data port for sessions.")
     port_max: int = Field(47999, ge=1024, le=65535, description="Highest data port for sessions.")
     start_timeout_s: float = Field(60.0, gt=0, description="Start with whoever joined after this.")
+    default_rate_mbps: float = Field(400.0, gt=0, description="Rate tiers are derived from when a deployment "
+                                     "names no rate (tier 2 = 1/3, tier 3 = 1/10); DPs cap it by their own maximum.")
 
 
 class DPSettings(_Component):

@@ -17,7 +17,7 @@ import msgpack
 import redis
 
 from mcproto.errors import ConfigError, NotFoundError
-from mcproto.messages import ClientResult, DeployRequest, ImageRef, SessionJob, SessionReport
+from mcproto.messages import ClientResult, DeployRequest, ImageRef, SessionJob, SessionReport, Tier
 from mcsite.keys import Keys
 from mcsite.settings import ControllerSettings
 
@@ -149,9 +149,17 @@ class State:
             if not self.r.set(key, dep_id, nx=True):
                 existing = _s(self.r.get(key))
                 return existing, self.session_job(existing), False
-        n = int(self.r.incr(self.k.alloc)) - 1
-        group = f"{ctl.group_prefix}{1 + n % 254}"
-        port = ctl.port_min + n % (ctl.port_max - ctl.port_min + 1)
+        streams = 3 if req.slow_policy == "tier" else 1
+        n = int(self.r.incrby(self.k.alloc, streams)) - streams
+
+        def allocate(i: int) -> tuple[str, int]:
+            return (f"{ctl.group_prefix}{1 + (n + i) % 254}",
+                    ctl.port_min + (n + i) % (ctl.port_max - ctl.port_min + 1))
+
+        group, port = allocate(0)
+        rate = req.max_rate_mbps or ctl.default_rate_mbps
+        tiers = [Tier(group=g, port=p, max_rate_mbps=rate * f)
+                 for (g, p), f in ((allocate(1), 1 / 3), (allocate(2), 1 / 10))] if streams > 1 else []
         job = SessionJob(
             deployment=dep_id, session_id=secrets.randbits(63) or 1, dp=dp,
             image=ImageRef(name=image["name"], path=image["path"], size=int(image["size"]),
@@ -159,7 +167,7 @@ class State:
             group=group, port=port, expected_clients=expected, start_timeout_s=req.start_timeout_s,
             start_clients=req.start_clients, start_at=req.start_at, max_rate_mbps=req.max_rate_mbps,
             slow_policy=req.slow_policy, drop_below_mbps=req.drop_below_mbps, min_rate_mbps=req.min_rate_mbps,
-            unicast_fallback=req.unicast_fallback,
+            unicast_fallback=req.unicast_fallback, tiers=tiers,
         )
         now = f"{time.time():.3f}"
         rec = {"id": dep_id, "image": image["name"], "dp": dp, "expected": str(expected),

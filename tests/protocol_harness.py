@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 from mcproto import codec
 from mcproto.errors import PacketError
-from mcproto.events import Acknowledged, GaveUp, TransferComplete
+from mcproto.events import Acknowledged, GaveUp, Moved, TransferComplete
 from mcproto.messages import Join, Offer
 from mcproto.receiver import Receiver
 from mcproto.sender import FINISHED, Sender, SenderConfig, StartPolicy
+from mcproto.tiers import TieredSession
 
 LossFn = Callable[[random.Random], bool]
 
@@ -34,6 +35,8 @@ class VirtualClient:
     max_partial: int = 0
     capacity: float = 0.0  # bytes/s this receiver can take in (0: unlimited), like a slow CPU
     buffer: int = 256 * 1024  # its socket buffer: arrivals beyond it are lost
+    group: tuple[str, int] = ("", 0)
+    moves: int = 0
     _queue: float = 0.0
     _drained_at: float = 0.0
 
@@ -54,14 +57,21 @@ class VirtualClient:
 
 def run_session(image: bytes, clients: list[VirtualClient], *, seed: int = 1, step: float = 0.001,
                 max_time: float = 120.0, config: dict | None = None,
-                start: StartPolicy | None = None) -> tuple[Sender, float]:
-    """Drive one session to its end on a virtual clock; returns the sender and the end time."""
+                start: StartPolicy | None = None, tiers: list[tuple[str, int, float]] | None = None,
+                ) -> tuple[Sender, float]:
+    """Drive one session to its end on a virtual clock; returns the sender (or tiered session) and the end time.
+
+    Packets reach only the clients listening on their group, as on a real network.
+    """
     rng = random.Random(seed)
     now = 0.0
     cfg = SenderConfig(session_id=7, deployment="dep-1", group="239.255.0.1", port=5000,
                        image_size=len(image), image_sha256=hashlib.sha256(image).hexdigest(),
                        start=start or StartPolicy(), **(config or {}))
-    sender = Sender(cfg, lambda off, n: image[off:off + n], now)
+    def read(off: int, n: int) -> bytes:
+        return image[off:off + n]
+
+    sender = TieredSession(cfg, tiers, read, now) if tiers else Sender(cfg, read, now)
     sha = hashlib.sha256(image).hexdigest()
     by_id = {c.client_id: c for c in clients}
     for c in clients:
@@ -76,13 +86,14 @@ def run_session(image: bytes, clients: list[VirtualClient], *, seed: int = 1, st
             wire = codec.decode(codec.encode(msg))
             if isinstance(wire, Offer) and c.receiver is None:
                 c.receiver = Receiver(wire, c.client_id, now)
+                c.group = (wire.group, wire.port)
             elif c.receiver is not None:
                 c.receiver.handle_message(wire, now)
         sender.handle_timer(now)
-        for pkt in sender.datagrams_to_send(now, max_datagrams=256):
+        for pkt, dest in sender.addressed_datagrams(now, max_datagrams=256):
             for c in clients:
                 r = c.receiver
-                if r is None or r.done:
+                if r is None or r.done or c.group != dest:
                     continue
                 if c.lose(rng) or c.overflows(now, len(pkt)):
                     c.dropped += 1
@@ -111,6 +122,9 @@ def run_session(image: bytes, clients: list[VirtualClient], *, seed: int = 1, st
                     c.outcome, c.finished_at = ev.outcome, now
                 elif isinstance(ev, GaveUp):
                     c.outcome, c.finished_at = "gave up: " + ev.reason, now
+                elif isinstance(ev, Moved):
+                    c.group = (ev.group, ev.port)
+                    c.moves += 1
             for msg in r.datagrams_to_send(now):
                 if c.lose(rng):  # feedback is lossy too
                     continue

@@ -188,3 +188,22 @@ def test_any_single_byte_change_of_a_data_packet_is_rejected(pos: int, xor: int)
         # A change that still parses must at least not pass as the original packet of this session.
         if (kind, session, block, esi) != (packets.KIND_DATA, 7, 3, 5):
             raise PacketError("changed identity")
+
+
+def test_tiers_move_a_throttled_client_to_a_slower_stream_where_it_finishes() -> None:
+    policy = RatePolicy(drop_below=RATE / 2, slow_grace=0.3)
+    config = {"max_rate": RATE, "rate": policy}
+    base = _fleet(throttled=False)
+    run_session(SLOW_IMAGE, base, config={**config, "expected_clients": 3})
+    clients = _fleet(throttled=True)
+    tiers = [("239.255.0.1", 5000, RATE), ("239.255.0.2", 5000, RATE / 3), ("239.255.0.3", 5000, RATE / 20)]
+    session, _ = run_session(SLOW_IMAGE, clients, config={**config, "expected_clients": 4}, tiers=tiers,
+                             max_time=60)
+    slow = clients[-1]
+    assert slow.outcome == "done" and bytes(slow.out) == SLOW_IMAGE
+    assert slow.moves >= 1 and session.tier_of["slow"] >= 1  # it finished in a slower tier of its own
+    assert session.tier_of["slow"] == 2  # 1/10 of the rate: too slow for 1/3, fine at 1/20
+    for fast, ref in zip(clients[:3], base, strict=True):
+        assert fast.outcome == "done" and bytes(fast.out) == SLOW_IMAGE
+        assert fast.finished_at <= 1.2 * ref.finished_at
+    assert session.state == FINISHED
