@@ -137,8 +137,6 @@ class ReceiverFleet:
         self._count = np.zeros((0, n), dtype=np.int16)
         self.peak_tracked_blocks = 0
         self.data_deliveries = 0
-        if nb == 0:
-            self._needs_nothing = True
 
     # ------------------------------------------------------------------ inputs
 
@@ -342,10 +340,9 @@ class ReceiverFleet:
         if not self._slot_block:
             return
         slots = np.fromiter(self._slot_block.keys(), dtype=np.int64, count=len(self._slot_block))
-        blocks = self._slot_of.take(0, mode="clip") if False else np.fromiter(
-            self._slot_block.values(), dtype=np.int64, count=len(self._slot_block))
-        partial = (self._count[slots] > 0) & ~self.done[blocks] & self._receiving
-        for s, b in zip(slots[~partial.any(axis=1)].tolist(), blocks[~partial.any(axis=1)].tolist(), strict=True):
+        blocks = np.fromiter(self._slot_block.values(), dtype=np.int64, count=len(self._slot_block))
+        idle = ~((self._count[slots] > 0) & ~self.done[blocks] & self._receiving).any(axis=1)
+        for s, b in zip(slots[idle].tolist(), blocks[idle].tolist(), strict=True):
             del self._slot_block[s]
             self._slot_of[b] = -1
             self._free.append(s)
@@ -378,8 +375,8 @@ class ReceiverFleet:
                     else:
                         ranges.append([b, 1, need])
                     pos = b + 1
-                else:
-                    pos = horizon  # Receiver: done.find() finds no more unfinished block before the horizon
+                if len(ranges) < MAX_RANGES_PER_STATUS:
+                    pos = horizon  # Receiver: done.find() finds no unfinished block left before the horizon
         self.scan_pos[i] = pos
         if pos >= horizon and now >= self.next_rescan[i]:
             self.scan_pos[i] = 0

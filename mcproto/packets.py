@@ -4,7 +4,7 @@ Pure: no I/O.  Image bytes are not coordination messages, so they are not
 msgpack: a fixed 24-byte header, the payload, and room for an authentication
 tag (``tag_len`` bytes after the payload; 0 until packets are authenticated).
 
-DATA packets end with a 4-byte CRC-32 of header + payload in the tag space
+Every packet ends with a 4-byte CRC-32 of header + payload in the tag space
 (the AEAD tag replaces it when packets are authenticated).
 
 Header, network byte order::
@@ -18,8 +18,8 @@ Header, network byte order::
 * ANNOUNCE: payload is a msgpack :class:`mcproto.messages.Announce` (decoded
   with the one codec): where the session's control port is, so a receiver that
   knows only the group can find it (standalone ``mcdeploy receive``, discovery).
-* HEARTBEAT: payload is ``!QQB`` = (total blocks, blocks the first pass has
-  sent, flags).  Receivers learn from it how far the sender got, so they can
+* HEARTBEAT: payload is ``!QQBH`` = (total blocks, blocks the first pass has
+  sent, flags, feedback interval in ms).  Receivers learn from it how far the sender got, so they can
   ask for blocks whose every packet was lost (the tail, a late join).
 """
 
@@ -39,7 +39,7 @@ KIND_ANNOUNCE = 3
 
 HEADER = struct.Struct("!2sBBBBHQII")
 HEADER_SIZE = HEADER.size  # 24
-HEARTBEAT_BODY = struct.Struct("!QQB")
+HEARTBEAT_BODY = struct.Struct("!QQBH")
 CRC = struct.Struct("!I")
 CRC_LEN = CRC.size
 
@@ -60,23 +60,29 @@ class Heartbeat:
     total_blocks: int
     sent_through: int
     flags: int
+    feedback_ms: int  # how often receivers should report: the sender spreads a large group's feedback
+
+
+def _sealed(kind: int, session_id: int, block: int, symbol: int, payload: bytes | memoryview) -> bytes:
+    pkt = HEADER.pack(MAGIC, PACKET_VERSION, kind, 0, CRC_LEN, len(payload), session_id, block, symbol) + payload
+    return pkt + CRC.pack(zlib.crc32(pkt))
 
 
 def encode_data(session_id: int, block: int, symbol: int, payload: bytes | memoryview) -> bytes:
     """One DATA datagram; the caller guarantees ``payload`` fits the negotiated symbol size."""
-    pkt = HEADER.pack(MAGIC, PACKET_VERSION, KIND_DATA, 0, CRC_LEN, len(payload), session_id, block, symbol) + payload
-    return pkt + CRC.pack(zlib.crc32(pkt))
+    return _sealed(KIND_DATA, session_id, block, symbol, payload)
 
 
-def encode_heartbeat(session_id: int, total_blocks: int, sent_through: int, flags: int) -> bytes:
+def encode_heartbeat(session_id: int, total_blocks: int, sent_through: int, flags: int,
+                     feedback_ms: int = 50) -> bytes:
     """One HEARTBEAT datagram."""
-    body = HEARTBEAT_BODY.pack(total_blocks, sent_through, flags)
-    return HEADER.pack(MAGIC, PACKET_VERSION, KIND_HEARTBEAT, 0, 0, len(body), session_id, 0, 0) + body
+    return _sealed(KIND_HEARTBEAT, session_id, 0, 0,
+                   HEARTBEAT_BODY.pack(total_blocks, sent_through, flags, min(65535, feedback_ms)))
 
 
 def encode_announce(session_id: int, body: bytes) -> bytes:
     """One ANNOUNCE datagram carrying an already encoded ``Announce`` message."""
-    return HEADER.pack(MAGIC, PACKET_VERSION, KIND_ANNOUNCE, 0, 0, len(body), session_id, 0, 0) + body
+    return _sealed(KIND_ANNOUNCE, session_id, 0, 0, body)
 
 
 def parse_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int]:
@@ -96,14 +102,13 @@ def parse_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int, i
         raise PacketError(f"unknown packet kind {kind}")
     if HEADER_SIZE + plen + tag_len != len(data):
         raise PacketError("length mismatch")
-    if kind == KIND_DATA:
-        # Until packets carry an AEAD tag, DATA carries a CRC-32 in the tag space: a damaged packet
-        # (a bad NIC, a buggy middlebox, a UDP checksum of 0) is dropped, never written.
-        if tag_len != CRC_LEN:
-            raise PacketError("data packet without checksum")
-        end = HEADER_SIZE + plen
-        if CRC.unpack_from(data, end)[0] != zlib.crc32(memoryview(data)[:end]):
-            raise PacketError("checksum mismatch")
+    # Until packets carry an AEAD tag, every packet carries a CRC-32 in the tag space: a damaged
+    # packet (a bad NIC, a buggy middlebox, a UDP checksum of 0) is dropped, never written.
+    if tag_len != CRC_LEN:
+        raise PacketError("packet without checksum")
+    end = HEADER_SIZE + plen
+    if CRC.unpack_from(data, end)[0] != zlib.crc32(memoryview(data)[:end]):
+        raise PacketError("checksum mismatch")
     return kind, session, block, symbol, plen
 
 
@@ -111,7 +116,7 @@ def parse_heartbeat(session_id: int, payload: bytes | memoryview) -> Heartbeat:
     """Decode a HEARTBEAT payload."""
     if len(payload) != HEARTBEAT_BODY.size:
         raise PacketError("bad heartbeat length")
-    total, sent, flags = HEARTBEAT_BODY.unpack(payload)
+    total, sent, flags, feedback_ms = HEARTBEAT_BODY.unpack(payload)
     if sent > total:
         raise PacketError("heartbeat beyond end of image")
-    return Heartbeat(session_id, total, sent, flags)
+    return Heartbeat(session_id, total, sent, flags, max(5, feedback_ms))

@@ -116,6 +116,7 @@ class Receiver:
                 raise PacketError("heartbeat disagrees with the offer")
             self._last_heard = now
             self._horizon = max(self._horizon, hb.sent_through)
+            self._feedback_interval = hb.feedback_ms / 1000.0
             if hb.flags & packets.HB_FINISHED and self.state == RECEIVING:
                 self._give_up("the session ended before the image was complete")
             return None

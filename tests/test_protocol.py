@@ -207,3 +207,29 @@ def test_tiers_move_a_throttled_client_to_a_slower_stream_where_it_finishes() ->
         assert fast.outcome == "done" and bytes(fast.out) == SLOW_IMAGE
         assert fast.finished_at <= 1.2 * ref.finished_at
     assert session.state == FINISHED
+
+
+def test_feedback_from_a_large_group_is_paced() -> None:
+    """600 receivers at 5 % loss: the sender spreads their reports instead of taking 12,000 a second."""
+    from mcproto import sender as sender_module
+
+    image = os.urandom(1024 * 1024)
+    clients = [VirtualClient(f"pc{i}", 0.05) for i in range(600)]
+    counted: list[float] = []
+    original = sender_module.Sender.handle_message
+
+    def counting(self, msg, addr, now):  # type: ignore[no-untyped-def]
+        if msg.type == "status":
+            counted.append(now)
+        return original(self, msg, addr, now)
+
+    sender_module.Sender.handle_message = counting  # type: ignore[method-assign]
+    try:
+        sender, end = run_session(image, clients, config={"expected_clients": 600, "max_rate": 10e6}, step=0.002)
+    finally:
+        sender_module.Sender.handle_message = original  # type: ignore[method-assign]
+    assert all(c.outcome == "done" and bytes(c.out) == image for c in clients)
+    assert sender.feedback_interval > 2 * sender.config.feedback_interval
+    transfer = [t for t in counted if sender.started_at is not None and t >= sender.started_at]
+    per_second = len(transfer) / max(1e-9, end - (sender.started_at or 0))
+    assert per_second < 600 / sender.config.feedback_interval / 2  # at least halved against 12,000/s
