@@ -4,6 +4,9 @@ Portable: standard library + mcproto only.  Exit codes (for task sequences):
 0 verified and acknowledged; 2 usage; 3 no session / DP unreachable;
 4 transfer failed; 5 verification failed; 6 output failed (e.g. disk full);
 7 verified but the DP never acknowledged.
+
+:func:`run` (receive, progress, the one-line verdict and ``--json``) is shared
+with ``mcdeploy receive``, so both commands report and exit the same way.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import argparse
 import json
 import sys
 import uuid
+from typing import Any
 
-from clientagent.net import parse_hostport
-from clientagent.transfer import EXIT_USAGE, ClientOptions, receive
+from clientagent.net import interface_index, is_multicast, parse_hostport
+from clientagent.transfer import EXIT_USAGE, ClientOptions, ClientResultInfo, receive
+
+DISCOVER_PORT = 47301  # the data port `mcdeploy send` uses by default
 
 
 def default_client_id() -> str:
@@ -30,13 +36,28 @@ def build_parser() -> argparse.ArgumentParser:
         "and: 3 no session/DP unreachable, 4 transfer failed, 5 verification failed, 6 output failed "
         "(e.g. disk full), 7 not acknowledged, 2 usage.",
     )
-    p.add_argument("--dp", required=True, help="the DP's control address, HOST:PORT (port default 47100)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dp", help="the DP's control address, HOST:PORT or [V6]:PORT (port default 47100)")
+    where.add_argument("--discover", metavar="GROUP[:PORT]",
+                       help="find the session by the announce its sender repeats on this multicast group "
+                       f"(IPv4 or [IPv6]:PORT; port default {DISCOVER_PORT}) instead of naming the DP")
     p.add_argument("--out", required=True, help="output file or block device")
+    p.add_argument("--interface", default=None,
+                   help="where to join multicast groups: an IPv4 address, or for IPv6 an interface name, "
+                   "index or address (default: the interface towards the DP; for --discover the system's "
+                   "choice; an IPv6 address this system cannot map to its interface also means the "
+                   "system's choice, so give the name or index on a multi-homed machine)")
     p.add_argument("--id", dest="client_id", default=None,
                    help="client identity (default: mac-<MAC address>)")
     p.add_argument("--deployment", default=None, help="join only this deployment")
     p.add_argument("--wait", type=float, default=120.0,
-                   help="seconds to wait for a session to be offered (default 120)")
+                   help="seconds to wait for a session to be announced/offered (default 120)")
+    add_common_arguments(p)
+    return p
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """Options every receiving command has (also used by ``mcdeploy receive``)."""
     p.add_argument("--idle-timeout", type=float, default=30.0,
                    help="give up after this many seconds without a packet from the sender (default 30)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line on stdout")
@@ -45,52 +66,82 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--test-loss", type=float, default=0.0, metavar="PCT",
                       help="TEST FEATURE: drop PCT %% of data packets on arrival to exercise repair")
     test.add_argument("--test-seed", type=int, default=None, help="TEST FEATURE: seed for --test-loss")
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        dp = parse_hostport(args.dp)
-    except ValueError as exc:
-        print(f"mcdeploy-client: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+def check_common(args: argparse.Namespace) -> str | None:
+    """A one-line usage error for the common options and ``--interface``, or None."""
     if not 0.0 <= args.test_loss < 100.0:
-        print("mcdeploy-client: error: --test-loss must be in [0, 100)", file=sys.stderr)
-        return EXIT_USAGE
-    if args.test_loss:
-        print(f"mcdeploy-client: TEST FEATURE: dropping {args.test_loss:g} % of data packets on arrival",
+        return "--test-loss must be in [0, 100)"
+    if args.wait < 0 or args.idle_timeout <= 0:
+        return "--wait must be >= 0 and --idle-timeout > 0"
+    if getattr(args, "interface", None):
+        try:
+            interface_index(args.interface)
+        except ValueError as exc:
+            return f"--interface: {exc}"
+    return None
+
+
+def result_dict(opts: ClientOptions, result: ClientResultInfo) -> dict[str, Any]:
+    """The ``--json`` line: every figure a task sequence or a test may want."""
+    return {
+        "client_id": opts.client_id, "exit_code": result.exit_code, "reason": result.reason,
+        "verified": result.verified, "acknowledged": result.acknowledged, "sha256": result.sha256,
+        "image_bytes": result.image_bytes, "seconds": round(result.seconds, 3),
+        "transfer_seconds": round(result.transfer_seconds, 3),
+        "packets": result.packets, "duplicates": result.duplicates, "rejected": result.rejected,
+        "test_dropped": result.test_dropped, "deployment": result.deployment,
+    }
+
+
+def run(opts: ClientOptions, prog: str, *, json_out: bool = False, quiet: bool = False) -> int:
+    """Receive with ``opts``: progress on a terminal, one verdict line on stderr, optional JSON; the exit code."""
+    if opts.test_loss:
+        print(f"{prog}: TEST FEATURE: dropping {opts.test_loss * 100:g} % of data packets on arrival",
               file=sys.stderr)
-    opts = ClientOptions(dp=dp, out=args.out, client_id=args.client_id or default_client_id(),
-                         deployment=args.deployment, wait_s=args.wait, idle_timeout_s=args.idle_timeout,
-                         test_loss=args.test_loss / 100.0, seed=args.test_seed)
-    tty = sys.stderr.isatty() and not args.quiet
+    tty = sys.stderr.isatty() and not quiet
 
     def progress(got: int, total: int) -> None:
         if tty:
             pct = 100.0 * got / total if total else 100.0
-            print(f"\rmcdeploy-client: {pct:5.1f} % ({got}/{total} blocks)", end="", file=sys.stderr)
+            print(f"\r{prog}: {pct:5.1f} % ({got}/{total} blocks)", end="", file=sys.stderr)
 
     try:
         result = receive(opts, progress)
     except KeyboardInterrupt:
-        print("\nmcdeploy-client: interrupted", file=sys.stderr)
+        print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
     if tty:
         print(file=sys.stderr)
     mbps = result.image_bytes / result.seconds / 1e6 if result.seconds and result.exit_code == 0 else 0.0
     if result.exit_code == 0:
-        print(f"mcdeploy-client: OK: {result.image_bytes} bytes verified and acknowledged in "
+        print(f"{prog}: OK: {result.image_bytes} bytes verified and acknowledged in "
               f"{result.seconds:.2f} s ({mbps:.1f} MB/s)", file=sys.stderr)
     else:
-        print(f"mcdeploy-client: FAILED ({result.exit_code}): {result.reason}", file=sys.stderr)
-    if args.json:
-        print(json.dumps({
-            "client_id": opts.client_id, "exit_code": result.exit_code, "reason": result.reason,
-            "verified": result.verified, "acknowledged": result.acknowledged, "sha256": result.sha256,
-            "image_bytes": result.image_bytes, "seconds": round(result.seconds, 3),
-            "transfer_seconds": round(result.transfer_seconds, 3),
-            "packets": result.packets, "duplicates": result.duplicates, "rejected": result.rejected,
-            "test_dropped": result.test_dropped, "deployment": result.deployment,
-        }))
+        print(f"{prog}: FAILED ({result.exit_code}): {result.reason}", file=sys.stderr)
+    if json_out:
+        print(json.dumps(result_dict(opts, result)), flush=True)
     return result.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prog = "mcdeploy-client"
+    try:
+        dp = parse_hostport(args.dp) if args.dp else None
+        group = parse_hostport(args.discover, DISCOVER_PORT) if args.discover else None
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    problem = check_common(args)
+    if group is not None and problem is None and not is_multicast(group[0]):
+        problem = f"--discover: {group[0]} is not a multicast group address"
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    opts = ClientOptions(dp=dp, out=args.out, client_id=args.client_id or default_client_id(),
+                         deployment=args.deployment, wait_s=args.wait, idle_timeout_s=args.idle_timeout,
+                         test_loss=args.test_loss / 100.0, seed=args.test_seed, discover=group,
+                         interface=args.interface)
+    return run(opts, prog, json_out=args.json, quiet=args.quiet)
+

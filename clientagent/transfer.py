@@ -4,11 +4,17 @@ Portable (selectors + sockets).  The sans-I/O :class:`mcproto.receiver.Receiver`
 decides what to ask for and when; this module moves datagrams, writes bytes
 and reads the clock.  Success is claimed only after the output was fsynced,
 re-read and found to match the offer's SHA-256, and the DP acknowledged it.
+
+The DP is found either by its address (``--dp``) or, for a receiver that knows
+only a multicast group (``mcdeploy receive``, ``mcdeploy-client --discover``),
+by :func:`discover`: the sender repeats an ``Announce`` on the group naming its
+control port.  From there on both paths are the same code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import selectors
 import threading
@@ -16,12 +22,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from clientagent.net import interface_towards, open_control_socket, open_data_socket
+from clientagent.net import format_hostport, host_of, interface_towards, open_control_socket, open_data_socket
 from clientagent.output import FileOutput, OutputError
-from mcproto import codec
+from mcproto import codec, packets
 from mcproto.errors import MessageError, PacketError
 from mcproto.events import Acknowledged, GaveUp, TransferComplete
-from mcproto.messages import Ack, Join, NoSession, Offer
+from mcproto.messages import Announce, Join, NoSession, Offer
 from mcproto.receiver import Receiver
 
 # Exit codes a task sequence can act on.
@@ -36,14 +42,30 @@ EXIT_NOT_ACKED = 7
 
 @dataclass
 class ClientOptions:
-    dp: tuple[str, int]
+    """What one receive needs; ``dp`` None means "discover the DP on ``discover`` (group, port)"."""
+
+    dp: tuple[str, int] | None
     out: str
     client_id: str
     deployment: str | None = None
-    wait_s: float = 120.0
+    wait_s: float = 120.0  # bounds discovery and joining together
     idle_timeout_s: float = 30.0
     test_loss: float = 0.0  # TEST FEATURE: drop this fraction of data packets on arrival
     seed: int | None = None
+    discover: tuple[str, int] | None = None
+    # Where groups are joined: IPv4 address; IPv6 name, index or address.  None: the interface
+    # towards the DP for data, the kernel's choice for discovery.
+    interface: str | None = None
+    agent: str = "mcdeploy-client/0.1"
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """A session found by its announce: where to join it, and what it said about itself."""
+
+    dp: tuple[str, int]
+    announce: Announce
+    source: str  # the address the announce came from
 
 
 @dataclass
@@ -69,7 +91,8 @@ Progress = Callable[[int, int], None]
 
 def join_session(opts: ClientOptions, sock, dp_addr) -> Offer | ClientResultInfo:  # type: ignore[no-untyped-def]
     """Ask the DP for a session until offered one, told no, or ``wait_s`` passes."""
-    join = codec.encode(Join(client_id=opts.client_id, deployment=opts.deployment, agent="mcdeploy-client/0.1"))
+    assert opts.dp is not None
+    join = codec.encode(Join(client_id=opts.client_id, deployment=opts.deployment, agent=opts.agent[:64]))
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
     deadline = time.monotonic() + opts.wait_s
@@ -110,11 +133,60 @@ def join_session(opts: ClientOptions, sock, dp_addr) -> Offer | ClientResultInfo
     if heard:
         return ClientResultInfo(EXIT_NO_SESSION, f"no session after waiting {opts.wait_s:g} s: {last_no}")
     return ClientResultInfo(EXIT_NO_SESSION, f"DP {opts.dp[0]}:{opts.dp[1]} did not answer within "
-                            f"{opts.wait_s:g} s (is mcdeploy-dp running there?)")
+                            f"{opts.wait_s:g} s (is mcdeploy-dp or `mcdeploy send` running there?)")
+
+
+def discover(group: str, port: int, interface: str | None = None, wait: float = 30.0,
+             deployment: str | None = None) -> Discovery | None:
+    """Wait up to ``wait`` seconds for an ANNOUNCE on ``group:port``; None if none came.
+
+    Every other packet on the group (data, heartbeats, garbage) is skipped; an announce that
+    fails to parse or decode (only ``Announce`` is accepted) is ignored, so a stray sender cannot
+    crash us, only fail to be found.  An empty ``control_host`` means the packet's source address
+    (kept with its IPv6 scope).  ``deployment``: skip announces of other deployments.  Raises
+    OSError/ValueError if the group cannot be joined on ``interface``.
+    """
+    sock = open_data_socket(group, port, interface)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    deadline = time.monotonic() + max(0.0, wait)
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if not sel.select(min(left, 0.5)):
+                continue
+            for _ in range(1024):  # bounded per wake-up: a busy group cannot starve the deadline check
+                try:
+                    data, addr = sock.recvfrom(65535)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+                try:
+                    kind, session, _, _, plen = packets.parse_header(data)
+                    if kind != packets.KIND_ANNOUNCE:
+                        continue
+                    body = data[packets.HEADER_SIZE:packets.HEADER_SIZE + plen]
+                    msg: Announce = codec.decode(body, allowed=(Announce,))
+                except (PacketError, MessageError):
+                    continue
+                if msg.session_id != session or (deployment and msg.deployment != deployment):
+                    continue
+                source = host_of(addr)
+                return Discovery((msg.control_host or source, msg.control_port), msg, source)
+    finally:
+        sel.close()
+        sock.close()
+    return None
 
 
 def receive(opts: ClientOptions, progress: Progress | None = None) -> ClientResultInfo:
     """The whole client job; never raises for network or disk trouble, returns an exit code."""
+    if opts.dp is None:
+        found = _discover(opts)
+        if isinstance(found, ClientResultInfo):
+            return found
+        opts = found
+    assert opts.dp is not None
     try:
         ctrl, dp_addr = open_control_socket(opts.dp)
     except OSError as exc:
@@ -128,19 +200,49 @@ def receive(opts: ClientOptions, progress: Progress | None = None) -> ClientResu
         ctrl.close()
 
 
+def _discover(opts: ClientOptions) -> ClientOptions | ClientResultInfo:
+    """Find the DP by announce; the options to join it with (the rest of ``--wait`` left for joining)."""
+    if opts.discover is None:
+        return ClientResultInfo(EXIT_USAGE, "neither a DP address nor a group to discover one on")
+    group, port = opts.discover
+    where = format_hostport(group, port) + (f" via {opts.interface}" if opts.interface else "")
+    started = time.monotonic()
+    try:
+        found = discover(group, port, opts.interface, opts.wait_s, opts.deployment)
+    except ValueError as exc:
+        return ClientResultInfo(EXIT_USAGE, f"cannot listen on {where}: {exc}")
+    except OSError as exc:
+        return ClientResultInfo(EXIT_NO_SESSION, f"cannot listen on {where}: {exc.strerror or exc}")
+    if found is None:
+        return ClientResultInfo(EXIT_NO_SESSION, f"no session announced on {where} within {opts.wait_s:g} s "
+                                "(is `mcdeploy send` running for this group and port?)")
+    left = max(2.0, opts.wait_s - (time.monotonic() - started))
+    return dataclasses.replace(opts, dp=found.dp, deployment=opts.deployment or found.announce.deployment,
+                               wait_s=left)
+
+
 def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | None  # type: ignore[no-untyped-def]
          ) -> ClientResultInfo:
     rng = random.Random(opts.seed)
     started = first_data = time.monotonic()
     got_data = False
     info = ClientResultInfo(EXIT_TRANSFER_FAILED, "", image_bytes=offer.image_size, deployment=offer.deployment)
+    assert opts.dp is not None
+    interface = opts.interface or interface_towards(opts.dp[0])
+    try:
+        data = open_data_socket(offer.group, offer.port, interface)
+    except (OSError, ValueError) as exc:
+        info.reason = (f"cannot join group {format_hostport(offer.group, offer.port)} via {interface}: "
+                       f"{getattr(exc, 'strerror', None) or exc}")
+        _report_failure(opts, offer, ctrl, dp_addr, info.reason)
+        return info
     try:
         output = FileOutput(opts.out, offer.image_size)
     except OutputError as exc:
+        data.close()
         info.exit_code, info.reason = EXIT_OUTPUT_FAILED, str(exc)
         _report_failure(opts, offer, ctrl, dp_addr, info.reason)
         return info
-    data = open_data_socket(offer.group, offer.port, interface_towards(opts.dp[0]))
     receiver = Receiver(offer, opts.client_id, started, idle_timeout=opts.idle_timeout_s)
     sel = selectors.DefaultSelector()
     sel.register(data, selectors.EVENT_READ, "data")
@@ -261,7 +363,9 @@ def _read_control(ctrl, dp_addr, receiver: Receiver, now: float) -> None:  # typ
         if addr[:2] != dp_addr[:2]:
             continue
         try:
-            msg = codec.decode(data, allowed=(Ack, Offer, NoSession))
+            # Any session-plane message: the receiver acts on those it knows (Ack, and Drop where the
+            # protocol has it) and counts the rest as rejected.
+            msg = codec.decode(data)
         except MessageError:
             continue
         receiver.handle_message(msg, now)

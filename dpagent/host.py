@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from mcproto import codec
-from mcproto.errors import MessageError
+from mcproto.errors import ConfigError, MessageError
 from mcproto.messages import Done, Failed, Join, Message, NoSession, Status
 
 if TYPE_CHECKING:
@@ -34,16 +34,24 @@ class SessionHost:
     """Owns the control socket and the table of sessions on this DP."""
 
     def __init__(self, name: str, host: str, port: int) -> None:
+        """Bind the control port on ``host`` (IPv4 or IPv6 literal, ``fe80::1%eth0``, or a name).
+
+        "::" listens on every address, IPv4 included where the system maps IPv4 into IPv6
+        sockets (Linux's default).
+        """
         self.name = name
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM,
+                                                           flags=socket.AI_PASSIVE)[0]
+        except (OSError, UnicodeError) as exc:
+            raise ConfigError(f"cannot listen on UDP {where}: {getattr(exc, 'strerror', None) or exc}") from None
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            self.sock.bind((host, port))
+            self.sock.bind(sockaddr)
         except OSError as exc:
             self.sock.close()
-            from mcproto.errors import ConfigError
-
-            raise ConfigError(f"cannot listen on UDP {host}:{port}: {exc.strerror}") from None
+            raise ConfigError(f"cannot listen on UDP {where}: {exc.strerror}") from None
         self.sock.settimeout(0.5)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
         self._sessions: dict[int, SessionRunner] = {}

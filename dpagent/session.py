@@ -18,9 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from clientagent.net import interface_index, is_ipv6
+from mcproto.errors import ConfigError
 from mcproto.events import ClientFinished, ClientJoined, SessionFinished, TransferStarted
 from mcproto.messages import ClientResult, Message, SessionJob, SessionReport
-from mcproto.sender import FINISHED, Sender, SenderConfig, StartPolicy
+from mcproto.sender import FINISHED, RatePolicy, Sender, SenderConfig, StartPolicy
 from mcsite.settings import DPSettings
 
 log = logging.getLogger("mcdeploy.dp.session")
@@ -28,14 +30,51 @@ log = logging.getLogger("mcdeploy.dp.session")
 PROGRESS_EVERY_S = 1.0
 
 
-def open_data_socket(interface: str, ttl: int) -> socket.socket:
-    """A UDP socket that sends multicast out of ``interface`` only, with ``ttl``."""
+def open_data_socket(interface: str, ttl: int, group: str = "") -> socket.socket:
+    """A UDP socket that sends multicast to ``group`` out of ``interface`` only, with ``ttl``.
+
+    The family follows the group: an IPv4 group needs ``interface`` as an IPv4 address
+    (IP_MULTICAST_IF takes an address); an IPv6 group takes an interface name, index or
+    address, resolved to the index IPV6_MULTICAST_IF takes (see
+    :func:`clientagent.net.interface_index`).  Loopback delivery stays on: clients may run on
+    this host.  When ``interface`` is an address the socket is bound to it, so the packets'
+    source (which announces with an empty control host point at) is that address.
+    """
+    if is_ipv6(group):
+        try:
+            ifindex = interface_index(interface)
+        except ValueError as exc:
+            raise ConfigError(f"multicast interface: {exc}") from None
+        if ifindex == 0 and interface not in ("", "::"):
+            raise ConfigError(f"cannot find the network interface of {interface!r} for IPv6 multicast "
+                              "(give its name, e.g. eth0)")
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, ttl)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+            if is_ipv6(interface):
+                sock.bind(socket.getaddrinfo(interface, 0, socket.AF_INET6, socket.SOCK_DGRAM)[0][4])
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    try:
+        local = socket.inet_aton(interface)
+    except OSError:
+        raise ConfigError(f"multicast to the IPv4 group {group or '(none)'} needs the interface as an IPv4 "
+                          f"address, not {interface!r}") from None
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(interface))
-    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
-    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)  # clients may share this host
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-    sock.bind((interface, 0))
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, local)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)  # clients may share this host
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+        sock.bind((interface, 0))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -57,6 +96,10 @@ class SessionRunner:
             start=StartPolicy(
                 clients=job.start_clients or job.expected_clients, delay=job.start_timeout_s,
                 at=None if job.start_at is None else self.opened_at + (job.start_at - time.time()),
+            ),
+            rate=RatePolicy(
+                min_rate=(job.min_rate_mbps or min(8.0, rate_mbps)) * 1e6 / 8, slow_policy=job.slow_policy,
+                drop_below=(job.drop_below_mbps or 0.0) * 1e6 / 8, unicast_fallback=job.unicast_fallback,
             ),
             join_window=job.start_timeout_s, max_rate=rate_mbps * 1e6 / 8, deadline=job.deadline_s,
         )
@@ -99,7 +142,11 @@ class SessionRunner:
 
     def run(self) -> dict[str, Any]:
         """Send until the session finishes; returns final statistics."""
-        sock = open_data_socket(self.settings.mcast_interface, self.settings.mcast_ttl)
+        try:
+            sock = open_data_socket(self.settings.mcast_interface, self.settings.mcast_ttl, self.job.group)
+        except BaseException:
+            self._file.close()
+            raise
         dest = (self.job.group, self.job.port)
         next_progress = 0.0
         try:
