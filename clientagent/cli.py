@@ -17,6 +17,7 @@ import sys
 import uuid
 from typing import Any
 
+from clientagent.impair import Impairment
 from clientagent.net import interface_index, is_multicast, parse_hostport
 from clientagent.transfer import EXIT_USAGE, ClientOptions, ClientResultInfo, receive
 
@@ -65,13 +66,22 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     test = p.add_argument_group("test features (never use in production)")
     test.add_argument("--test-loss", type=float, default=0.0, metavar="PCT",
                       help="TEST FEATURE: drop PCT %% of data packets on arrival to exercise repair")
-    test.add_argument("--test-seed", type=int, default=None, help="TEST FEATURE: seed for --test-loss")
+    test.add_argument("--test-impair", default="", metavar="SPEC",
+                      help="TEST FEATURE: damage arriving data packets like a bad network, e.g. "
+                      "'loss=1,burst=1:8,reorder=25,dup=5,corrupt=1' (percentages; burst=P:LEN is Gilbert-Elliott; "
+                      "cap=MBPS takes in at most that rate, like a slow machine)")
+    test.add_argument("--test-seed", type=int, default=None, help="TEST FEATURE: seed for --test-loss/--test-impair")
 
 
 def check_common(args: argparse.Namespace) -> str | None:
     """A one-line usage error for the common options and ``--interface``, or None."""
     if not 0.0 <= args.test_loss < 100.0:
         return "--test-loss must be in [0, 100)"
+    if args.test_impair:
+        try:
+            Impairment.parse(args.test_impair)
+        except ValueError as exc:
+            return f"--test-impair: {exc}"
     if args.wait < 0 or args.idle_timeout <= 0:
         return "--wait must be >= 0 and --idle-timeout > 0"
     if getattr(args, "interface", None):
@@ -90,7 +100,7 @@ def result_dict(opts: ClientOptions, result: ClientResultInfo) -> dict[str, Any]
         "image_bytes": result.image_bytes, "seconds": round(result.seconds, 3),
         "transfer_seconds": round(result.transfer_seconds, 3),
         "packets": result.packets, "duplicates": result.duplicates, "rejected": result.rejected,
-        "test_dropped": result.test_dropped, "deployment": result.deployment,
+        "test_dropped": result.test_dropped, "deployment": result.deployment, "moves": result.moves,
     }
 
 
@@ -99,6 +109,8 @@ def run(opts: ClientOptions, prog: str, *, json_out: bool = False, quiet: bool =
     if opts.test_loss:
         print(f"{prog}: TEST FEATURE: dropping {opts.test_loss * 100:g} % of data packets on arrival",
               file=sys.stderr)
+    if opts.test_impair:
+        print(f"{prog}: TEST FEATURE: impairing arriving data packets: {opts.test_impair}", file=sys.stderr)
     tty = sys.stderr.isatty() and not quiet
 
     def progress(got: int, total: int) -> None:
@@ -141,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     opts = ClientOptions(dp=dp, out=args.out, client_id=args.client_id or default_client_id(),
                          deployment=args.deployment, wait_s=args.wait, idle_timeout_s=args.idle_timeout,
-                         test_loss=args.test_loss / 100.0, seed=args.test_seed, discover=group,
+                         test_loss=args.test_loss / 100.0, test_impair=args.test_impair, seed=args.test_seed,
+                         discover=group,
                          interface=args.interface)
     return run(opts, prog, json_out=args.json, quiet=args.quiet)
 

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
 import selectors
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from clientagent.impair import Impairment
 from clientagent.net import format_hostport, host_of, interface_towards, open_control_socket, open_data_socket
 from clientagent.output import FileOutput, OutputError
 from mcproto import codec, packets
 from mcproto.errors import MessageError, PacketError
-from mcproto.events import Acknowledged, GaveUp, TransferComplete
+from mcproto.events import Acknowledged, GaveUp, Moved, TransferComplete
 from mcproto.messages import Announce, Join, NoSession, Offer
 from mcproto.receiver import Receiver
 
@@ -51,12 +51,20 @@ class ClientOptions:
     wait_s: float = 120.0  # bounds discovery and joining together
     idle_timeout_s: float = 30.0
     test_loss: float = 0.0  # TEST FEATURE: drop this fraction of data packets on arrival
+    test_impair: str = ""  # TEST FEATURE: impairment spec (see clientagent.impair)
     seed: int | None = None
     discover: tuple[str, int] | None = None
     # Where groups are joined: IPv4 address; IPv6 name, index or address.  None: the interface
     # towards the DP for data, the kernel's choice for discovery.
     interface: str | None = None
     agent: str = "mcdeploy-client/0.1"
+
+    def impairment(self) -> Impairment | None:
+        """The TEST FEATURE impairment asked for, or None (the normal case)."""
+        imp = Impairment.parse(self.test_impair, seed=self.seed) if self.test_impair else Impairment(seed=self.seed)
+        if self.test_loss:
+            imp.loss = self.test_loss
+        return imp if imp.active else None
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,7 @@ class ClientResultInfo:
     duplicates: int = 0
     rejected: int = 0
     test_dropped: int = 0
+    moves: int = 0
     deployment: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -223,7 +232,7 @@ def _discover(opts: ClientOptions) -> ClientOptions | ClientResultInfo:
 
 def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | None  # type: ignore[no-untyped-def]
          ) -> ClientResultInfo:
-    rng = random.Random(opts.seed)
+    impair = opts.impairment()
     started = first_data = time.monotonic()
     got_data = False
     info = ClientResultInfo(EXIT_TRANSFER_FAILED, "", image_bytes=offer.image_size, deployment=offer.deployment)
@@ -264,18 +273,16 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                         except OSError:
                             break
                         info.packets += 1
-                        if opts.test_loss and rng.random() < opts.test_loss:
-                            info.test_dropped += 1
-                            continue
-                        try:
-                            w = receiver.receive_datagram(pkt, now)
-                        except PacketError:
-                            info.rejected += 1
-                            continue
-                        if w is not None:
-                            if not got_data:
-                                got_data, first_data = True, now
-                            output.write_at(w[0], w[1])
+                        for arrived in (impair.feed(pkt, now) if impair is not None else (pkt,)):
+                            try:
+                                w = receiver.receive_datagram(arrived, now)
+                            except PacketError:
+                                info.rejected += 1
+                                continue
+                            if w is not None:
+                                if not got_data:
+                                    got_data, first_data = True, now
+                                output.write_at(w[0], w[1])
                 else:
                     _read_control(ctrl, dp_addr, receiver, now)
             now = time.monotonic()
@@ -297,6 +304,13 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                     if info.verified:
                         info.exit_code = EXIT_NOT_ACKED
                     info.reason = ev.reason
+                elif isinstance(ev, Moved):
+                    # A slower tier of the same session: keep every block, listen to its group instead.
+                    sel.unregister(data)
+                    data.close()
+                    data = open_data_socket(ev.group, ev.port, interface)
+                    sel.register(data, selectors.EVENT_READ, "data")
+                    info.moves += 1
             if verifier is not None and verifier.finished:
                 if verifier.error is not None:
                     raise verifier.error
@@ -324,6 +338,7 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
         info.reason = "SHA-256 of the written image does not match the offer"
     info.seconds = time.monotonic() - started
     info.transfer_seconds = time.monotonic() - first_data if got_data else 0.0
+    info.test_dropped = impair.dropped if impair is not None else 0
     info.duplicates = receiver.duplicates
     if progress is not None:
         progress(receiver.blocks_done, receiver.blocks)

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--drop-below", type=float, metavar="MBPS",
                      help="with --slow-policy drop/tier: a client receiving below this rate (Mbit/s) is slow")
     dep.add_argument("--min-rate", type=float, metavar="MBPS", help="never slow the session below this (Mbit/s)")
+    dep.add_argument("--slow-grace", type=float, default=2.0, metavar="S",
+                     help="how long a client may stay below --drop-below before it is dropped or moved (default 2)")
     dep.add_argument("--unicast-fallback", action="store_true",
                      help="tell dropped clients they may fetch the image by unicast")
 
@@ -197,6 +199,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
                             start_timeout_s=args.start_timeout, start_clients=args.start_clients,
                             start_at=args.start_at, max_rate_mbps=args.rate, slow_policy=args.slow_policy,
                             drop_below_mbps=args.drop_below, min_rate_mbps=args.min_rate,
+                            slow_grace_s=args.slow_grace,
                             unicast_fallback=args.unicast_fallback,
                             idempotency_key=args.idempotency_key)
         dep_id, job, created = api.deploy(state, app, req)

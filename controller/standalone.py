@@ -44,7 +44,7 @@ from dpagent.staging import file_sha256
 from mcproto import codec
 from mcproto.errors import ConfigError
 from mcproto.messages import Announce, ClientResult, ImageRef, Message, SessionJob, SessionReport
-from mcproto.sender import Sender, StartPolicy
+from mcproto.sender import StartPolicy
 from mcsite.settings import DPSettings
 
 # Safe defaults: loopback and TTL 1, so nothing leaves this machine until an interface is named.
@@ -213,7 +213,7 @@ class StandaloneRunner(SessionRunner):
         self.config = dataclasses.replace(
             self.config, start=StartPolicy(clients=start_clients, delay=start_delay, at=at),
             expected_clients=start_clients, join_window=join_window, announce=announce)
-        self.sender = Sender(self.config, self._read, self.opened_at)
+        self.sender = self._make_sender()
 
 
 def _check_send(args: argparse.Namespace) -> None:
@@ -482,6 +482,7 @@ def run_receive(args: argparse.Namespace) -> int:
         interface = DEFAULT_INTERFACE
     opts = ClientOptions(
         dp=dp, out=args.out, client_id=args.client_id or f"{default_client_id()}-{os.getpid()}",
-        wait_s=args.wait, idle_timeout_s=args.idle_timeout, test_loss=args.test_loss / 100.0, seed=args.test_seed,
+        wait_s=args.wait, idle_timeout_s=args.idle_timeout, test_loss=args.test_loss / 100.0,
+        test_impair=args.test_impair, seed=args.test_seed,
         discover=None if dp else (args.group, args.port), interface=interface, agent="mcdeploy-receive/0.1")
     return run(opts, prog, json_out=args.json, quiet=args.quiet)

@@ -19,10 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 from clientagent.net import interface_index, is_ipv6
+from mcproto import codec
 from mcproto.errors import ConfigError
 from mcproto.events import ClientFinished, ClientJoined, SessionFinished, TransferStarted
-from mcproto.messages import ClientResult, Message, SessionJob, SessionReport
+from mcproto.messages import Announce, ClientResult, Message, SessionJob, SessionReport
 from mcproto.sender import FINISHED, RatePolicy, Sender, SenderConfig, StartPolicy
+from mcproto.tiers import TieredSession
 from mcsite.settings import DPSettings
 
 log = logging.getLogger("mcdeploy.dp.session")
@@ -82,7 +84,10 @@ class SessionRunner:
     """One session's adapter; ``run()`` blocks until the session has finished."""
 
     def __init__(self, job: SessionJob, settings: DPSettings, reply: Callable[[Message, object], None],
-                 relay: Any, progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 relay: Any, progress: Callable[[dict[str, Any]], None] | None = None,
+                 control: tuple[str, int] | None = None) -> None:
+        """``control``: the address clients reach the control port at; when given, the session is
+        announced on its group so clients that know only the group (``--discover``) find it."""
         self.job = job
         self.session_id = job.session_id
         self.deployment = job.deployment
@@ -100,11 +105,15 @@ class SessionRunner:
             rate=RatePolicy(
                 min_rate=(job.min_rate_mbps or min(8.0, rate_mbps)) * 1e6 / 8, slow_policy=job.slow_policy,
                 drop_below=(job.drop_below_mbps or 0.0) * 1e6 / 8, unicast_fallback=job.unicast_fallback,
+                slow_grace=job.slow_grace_s,
             ),
             join_window=job.start_timeout_s, max_rate=rate_mbps * 1e6 / 8, deadline=job.deadline_s,
+            announce=b"" if control is None else codec.encode(Announce(
+                session_id=job.session_id, deployment=job.deployment, control_host=control[0],
+                control_port=control[1], image_size=job.image.size)),
         )
         self._file = open(job.image.path, "rb")  # noqa: SIM115 - closed in run()
-        self.sender = Sender(self.config, self._read, self.opened_at)
+        self.sender = self._make_sender()
         self._reply = reply
         self._relay = relay
         self._progress = progress
@@ -112,6 +121,15 @@ class SessionRunner:
         self._wake = threading.Event()
         self._abort_reason = ""
         self.send_errors = 0
+
+    def _make_sender(self) -> Sender | TieredSession:
+        """One sender, or a tiered session when the deployment moves slow clients to slower streams."""
+        if self.job.slow_policy == "tier" and self.job.tiers:
+            cap = self.settings.max_rate_mbps
+            tiers = [(self.job.group, self.job.port, self.config.max_rate)] + [
+                (t.group, t.port, min(t.max_rate_mbps, cap) * 1e6 / 8) for t in self.job.tiers]
+            return TieredSession(self.config, tiers, self._read, self.opened_at)
+        return Sender(self.config, self._read, self.opened_at)
 
     @property
     def finished(self) -> bool:
@@ -147,7 +165,6 @@ class SessionRunner:
         except BaseException:
             self._file.close()
             raise
-        dest = (self.job.group, self.job.port)
         next_progress = 0.0
         try:
             while True:
@@ -156,10 +173,10 @@ class SessionRunner:
                     if self._abort_reason:
                         self.sender.abort(self._abort_reason, now)
                     self.sender.handle_timer(now)
-                    pkts = self.sender.datagrams_to_send(now, 64)
+                    pkts = self.sender.addressed_datagrams(now, 64)
                     events, replies = self._drain()
                     timer = self.sender.get_timer()
-                for pkt in pkts:
+                for pkt, dest in pkts:
                     try:
                         sock.sendto(pkt, dest)
                     except OSError:

@@ -65,7 +65,11 @@ def open_session(self: Any, body: Any) -> dict[str, Any]:
             if not rt.state.renew_lease(job.session_id, holder, fence, LEASE_TTL_S):
                 runner.abort("session lease lost")
 
-        runner = SessionRunner(job, rt.settings, rt.host.reply, rt.relay, progress)
+        advertised = rt.settings.advertise_host or rt.host.address[0]
+        if advertised in ("0.0.0.0", "::"):
+            advertised = ""  # clients take the announce's source address
+        runner = SessionRunner(job, rt.settings, rt.host.reply, rt.relay, progress,
+                               control=(advertised, rt.host.address[1]))
         rt.host.register(runner)
         report("waiting")
         log.info("session open deployment=%s session=%x group=%s:%d image=%s expected=%d",

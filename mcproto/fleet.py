@@ -29,9 +29,10 @@ the highest block seen and the heartbeats' ``sent_through``; a block the sender
 moved away from while unfinished is reported promptly (at most 32 such ranges);
 the scan over passed blocks continues where it stopped and restarts from block
 0 only after ``rescan_interval``; at most 64 ranges per ``Status``; a keepalive
-``Status`` every ``keepalive_interval`` without needs; ``loss_permille`` is the
-EWMA of the source-symbol loss of blocks as they complete.  Keep the two in
-step when either changes.
+``Status`` every ``keepalive_interval`` without needs; the report pace follows
+the heartbeats' ``feedback_ms``; ``loss_permille`` is the EWMA of the gaps in
+the symbol ids of each burst of one block's packets; ``recv_kbps`` is the data
+arrival rate since the last status.  Keep the two in step when either changes.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import numpy as np
 from mcproto import packets
 from mcproto.errors import PacketError
 from mcproto.fec import N_MAX, Layout
-from mcproto.messages import MAX_RANGES_PER_STATUS, Ack, Done, Message, Offer, Status
+from mcproto.messages import MAX_RANGES_PER_STATUS, Ack, Done, Drop, Message, Offer, Status
 
 # Receiver states, as small integers so that they vectorize (names as in mcproto.receiver).
 IDLE = 0  # not joined yet (no offer)
@@ -55,15 +56,6 @@ GAVE_UP = 5
 STATE_NAMES = ("IDLE", "RECEIVING", "COMPLETE", "REPORTING", "ACKED", "GAVE_UP")
 
 _WORDS = N_MAX // 64  # a block's symbol ids as 4 x 64-bit words per receiver
-
-
-def _source_mask(k: int) -> np.ndarray:
-    """Bits of ids 0..k-1 (the source symbols) over the 4 words of a bitset."""
-    out = np.zeros(_WORDS, dtype=np.uint64)
-    for w in range(_WORDS):
-        bits = min(max(k - 64 * w, 0), 64)
-        out[w] = np.uint64((1 << bits) - 1)
-    return out
 
 
 class ReceiverFleet:
@@ -102,7 +94,6 @@ class ReceiverFleet:
         self._report_timeout = report_timeout
         nb = self.blocks
         self._k = np.array([self.layout.block_k(b) for b in range(nb)], dtype=np.int64)
-        self._src_masks = {int(k): _source_mask(int(k)) for k in set(self._k.tolist())}
         # Per receiver (vectors of length n).
         self.state = np.zeros(n, dtype=np.int8)
         self._receiving = np.zeros(n, dtype=bool)  # state == RECEIVING, kept in step for speed
@@ -111,7 +102,14 @@ class ReceiverFleet:
         self.finished_at = np.full(n, math.nan)  # acked or gave up
         self.reason = [""] * n
         self.blocks_done = np.zeros(n, dtype=np.int64)
-        self.loss = np.zeros(n)  # EWMA of the source-symbol loss of blocks as they complete
+        self.loss = np.zeros(n)  # EWMA of the loss seen in bursts of one block's packets
+        # The current burst (consecutive packets of one block): packets, lowest and highest id.
+        self._burst_count = np.zeros(n, dtype=np.int64)
+        self._burst_low = np.full(n, N_MAX, dtype=np.int64)
+        self._burst_high = np.full(n, -1, dtype=np.int64)
+        self.feedback_interval = np.full(n, self._fi)  # the heartbeats' pace overrides the offer's
+        self._window_symbols = np.zeros(n, dtype=np.int64)  # data packets since the last status
+        self._window_start = np.zeros(n)
         self.horizon = np.zeros(n, dtype=np.int64)
         self.last_block = np.full(n, -1, dtype=np.int64)
         self.scan_pos = np.zeros(n, dtype=np.int64)
@@ -150,6 +148,7 @@ class ReceiverFleet:
         self.next_rescan[idx] = now + self._rescan
         self.next_status[idx] = now
         self.last_heard[idx] = now
+        self._window_start[idx] = now
         self._set_state(idx, RECEIVING)
         if self.blocks == 0:
             self._complete(idx, now)
@@ -179,6 +178,7 @@ class ReceiverFleet:
         self._heard |= mask
         if kind == packets.KIND_HEARTBEAT:
             np.maximum(self.horizon, hb.sent_through, out=self.horizon, where=mask)
+            self.feedback_interval[mask] = hb.feedback_ms / 1000.0
             if hb.flags & packets.HB_FINISHED:
                 idx = np.flatnonzero(mask)
                 if idx.size:
@@ -187,9 +187,17 @@ class ReceiverFleet:
         self._data(block, esi, mask, now)
 
     def handle_message(self, i: int, msg: Message, now: float) -> None:
-        """A session-plane answer from the DP to receiver ``i`` (only ``Ack`` matters)."""
-        if (not isinstance(msg, Ack) or msg.session_id != self.session_id
-                or msg.client_id != self.client_ids[i] or self.state[i] != REPORTING):
+        """A session-plane answer from the DP to receiver ``i``: ``Ack`` of its result, or ``Drop``.
+
+        (An ``Offer`` moving it to another stream is not modelled: the simulator runs one stream.)
+        """
+        if not isinstance(msg, Ack | Drop) or msg.session_id != self.session_id or msg.client_id != self.client_ids[i]:
+            return
+        if isinstance(msg, Drop):
+            if self.state[i] in (RECEIVING, COMPLETE):
+                self._give_up(np.array([i]), f"dropped by the DP: {msg.reason}", now)
+            return
+        if self.state[i] != REPORTING:
             return
         self.last_heard[i] = now
         self.state[i] = ACKED
@@ -221,13 +229,17 @@ class ReceiverFleet:
             self.report_deadline[complete] = now + self._report_timeout
         out: list[tuple[int, Message]] = []
         for i in np.flatnonzero(self._receiving & (now >= self.next_status)).tolist():
-            self.next_status[i] = now + self._fi
+            self.next_status[i] = now + float(self.feedback_interval[i])
             needs = self._needs(i, now)
             if needs or now - self.last_status[i] >= self._keepalive:
                 self.last_status[i] = now
+                elapsed = now - float(self._window_start[i])
+                kbps = round(int(self._window_symbols[i]) * self._ss * 8 / elapsed / 1000) if elapsed > 0 else None
+                self._window_symbols[i], self._window_start[i] = 0, now
                 out.append((i, Status(session_id=self.session_id, client_id=self.client_ids[i],
                                       blocks_done=int(self.blocks_done[i]), needs=needs,
-                                      loss_permille=min(1000, round(float(self.loss[i]) * 1000)))))
+                                      loss_permille=min(1000, round(float(self.loss[i]) * 1000)),
+                                      recv_kbps=kbps)))
         for i in np.flatnonzero((self.state == REPORTING) & (now >= self.next_report)).tolist():
             seconds = float(self.complete_at[i] - self.joined_at[i])
             out.append((i, Done(session_id=self.session_id, client_id=self.client_ids[i],
@@ -265,6 +277,7 @@ class ReceiverFleet:
     def _data(self, b: int, esi: int, mask: np.ndarray, now: float) -> None:
         """One DATA packet of block ``b``, id ``esi``, at the receiving receivers in ``mask``."""
         self.data_deliveries += 1
+        self._window_symbols += mask
         np.maximum(self.horizon, b, out=self.horizon, where=mask)
         moved = mask & (self.last_block != b)
         if moved.any():
@@ -272,12 +285,16 @@ class ReceiverFleet:
             idx = np.flatnonzero(moved)
             prev = self.last_block[idx]
             keep = prev >= 0
-            idx, prev = idx[keep], prev[keep]
-            unfinished = ~self.done[prev, idx]
-            idx, prev = idx[unfinished], prev[unfinished]
-            self.prompt[idx, prev] = True
-            self._has_prompt[idx] = True
+            pidx, prev = idx[keep], prev[keep]
+            unfinished = ~self.done[prev, pidx]
+            pidx, prev = pidx[unfinished], prev[unfinished]
+            self.prompt[pidx, prev] = True
+            self._has_prompt[pidx] = True
             self.last_block[moved] = b
+            self._end_burst(idx)
+        self._burst_count += mask
+        np.minimum(self._burst_low, esi, out=self._burst_low, where=mask)
+        np.maximum(self._burst_high, esi, out=self._burst_high, where=mask)
         rec = mask & ~self.done[b]
         if not rec.any():
             return
@@ -295,10 +312,20 @@ class ReceiverFleet:
         if finished.any():
             self._complete_block(np.flatnonzero(finished), b, s, k, now)
 
+    def _end_burst(self, idx: np.ndarray) -> None:
+        """``Receiver._end_burst``: the gaps in a finished burst's ids feed the loss EWMA."""
+        count = self._burst_count[idx]
+        span = self._burst_high[idx] - self._burst_low[idx] + 1
+        use = (span >= 8) & (count <= span)
+        if use.any():
+            j, count, span = idx[use], count[use], span[use]
+            weight = np.minimum(0.5, span / 512)
+            self.loss[j] = (1 - weight) * self.loss[j] + weight * (1 - count / span)
+        self._burst_count[idx] = 0
+        self._burst_low[idx] = N_MAX
+        self._burst_high[idx] = -1
+
     def _complete_block(self, idx: np.ndarray, b: int, s: int, k: int, now: float) -> None:
-        held_source = np.bitwise_count(self._have[s][:, idx] & self._src_masks[k][:, None]).sum(axis=0)
-        missing = k - held_source.astype(np.int64)
-        self.loss[idx] = 0.9 * self.loss[idx] + 0.1 * (missing / k)
         self.done[b, idx] = True
         self.blocks_done[idx] += 1
         whole = idx[self.blocks_done[idx] == self.blocks]

@@ -177,6 +177,7 @@ class DeployRequest(Message):
     slow_policy: Literal["hold", "drop", "tier"] = "hold"
     drop_below_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
     min_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    slow_grace_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
     unicast_fallback: bool = False
 
 
@@ -217,10 +218,12 @@ class SessionJob(Message):
     start_at: Annotated[float, Field(gt=0)] | None = None
     max_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
     # Slow clients: "hold" slows the session to the slowest (down to min_rate_mbps); "drop"
-    # removes a client receiving below drop_below_mbps, telling it whether it may use unicast.
-    slow_policy: Literal["hold", "drop"] = "hold"
+    # removes a client receiving below drop_below_mbps for slow_grace_s, telling it whether it may
+    # use unicast; "tier" moves it to the next of ``tiers`` instead.
+    slow_policy: Literal["hold", "drop", "tier"] = "hold"
     drop_below_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
     min_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    slow_grace_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
     unicast_fallback: bool = False
     tiers: Annotated[list[Tier], Field(max_length=2)] = []  # slower streams for slow_policy "tier"
     deadline_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = 4 * 3600.0

@@ -167,7 +167,7 @@ class State:
             group=group, port=port, expected_clients=expected, start_timeout_s=req.start_timeout_s,
             start_clients=req.start_clients, start_at=req.start_at, max_rate_mbps=req.max_rate_mbps,
             slow_policy=req.slow_policy, drop_below_mbps=req.drop_below_mbps, min_rate_mbps=req.min_rate_mbps,
-            unicast_fallback=req.unicast_fallback, tiers=tiers,
+            slow_grace_s=req.slow_grace_s, unicast_fallback=req.unicast_fallback, tiers=tiers,
         )
         now = f"{time.time():.3f}"
         rec = {"id": dep_id, "image": image["name"], "dp": dp, "expected": str(expected),

