@@ -103,10 +103,10 @@ class ReceiverFleet:
         self.reason = [""] * n
         self.blocks_done = np.zeros(n, dtype=np.int64)
         self.loss = np.zeros(n)  # EWMA of the loss seen in bursts of one block's packets
-        # The current burst (consecutive packets of one block): packets, lowest and highest id.
+        # The current burst (consecutive packets of one block): packets, ids skipped, previous id.
         self._burst_count = np.zeros(n, dtype=np.int64)
-        self._burst_low = np.full(n, N_MAX, dtype=np.int64)
-        self._burst_high = np.full(n, -1, dtype=np.int64)
+        self._burst_gaps = np.zeros(n, dtype=np.int64)
+        self._burst_prev = np.zeros(n, dtype=np.int64)
         self.feedback_interval = np.full(n, self._fi)  # the heartbeats' pace overrides the offer's
         self._window_symbols = np.zeros(n, dtype=np.int64)  # data packets since the last status
         self._window_start = np.zeros(n)
@@ -292,9 +292,16 @@ class ReceiverFleet:
             self._has_prompt[pidx] = True
             self.last_block[moved] = b
             self._end_burst(idx)
-        self._burst_count += mask
-        np.minimum(self._burst_low, esi, out=self._burst_low, where=mask)
-        np.maximum(self._burst_high, esi, out=self._burst_high, where=mask)
+        # Receiver.receive_datagram's burst bookkeeping, vectorized (ids modulo 256).
+        fresh = mask & (self._burst_count == 0)
+        cont = mask & ~fresh
+        step = (esi - self._burst_prev) % N_MAX
+        fwd = cont & (step >= 1) & (step <= 128)
+        back = cont & (step > 128)
+        self._burst_gaps += np.where(fwd, step - 1, 0)
+        np.maximum(self._burst_gaps - back, 0, out=self._burst_gaps)
+        self._burst_prev[fwd | fresh] = esi
+        self._burst_count += fresh | fwd | back
         rec = mask & ~self.done[b]
         if not rec.any():
             return
@@ -314,16 +321,16 @@ class ReceiverFleet:
 
     def _end_burst(self, idx: np.ndarray) -> None:
         """``Receiver._end_burst``: the gaps in a finished burst's ids feed the loss EWMA."""
-        count = self._burst_count[idx]
-        span = self._burst_high[idx] - self._burst_low[idx] + 1
-        use = (span >= 8) & (count <= span)
+        gaps = self._burst_gaps[idx]
+        span = self._burst_count[idx] + gaps
+        use = span >= 8
         if use.any():
-            j, count, span = idx[use], count[use], span[use]
-            weight = np.minimum(0.5, span / 512)
-            self.loss[j] = (1 - weight) * self.loss[j] + weight * (1 - count / span)
+            j, gaps, span = idx[use], gaps[use], span[use]
+            weight = np.minimum(0.25, span / 1024)
+            self.loss[j] = (1 - weight) * self.loss[j] + weight * (gaps / span)
         self._burst_count[idx] = 0
-        self._burst_low[idx] = N_MAX
-        self._burst_high[idx] = -1
+        self._burst_gaps[idx] = 0
+        self._burst_prev[idx] = 0
 
     def _complete_block(self, idx: np.ndarray, b: int, s: int, k: int, now: float) -> None:
         self.done[b, idx] = True

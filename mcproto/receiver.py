@@ -69,7 +69,7 @@ class Receiver:
         self.decoded_blocks = 0
         self.rejected = 0
         self._loss = 0.0  # EWMA of the loss seen in bursts of one block's packets
-        self._burst = [0, 256, -1]  # packets, lowest and highest symbol id of the current block's burst
+        self._burst = [0, 0, 0]  # packets, ids skipped, previous id: the current burst of one block's packets
         self._horizon = 0  # blocks below this have been passed by the sender's first pass
         self._last_block = -1  # block of the previous data packet
         self._prompt: set[int] = set()  # blocks the sender moved on from while still unfinished: ask now
@@ -138,11 +138,17 @@ class Receiver:
                 self._prompt.add(self._last_block)
             self._last_block = block
             self._end_burst()
-        # Symbol ids within a burst are consecutive on the wire: gaps are packets lost on the way
-        # (the network, or our own full socket buffer) — the sender's rate control reads this.
-        burst[0] += 1
-        burst[1] = min(burst[1], esi)
-        burst[2] = max(burst[2], esi)
+        # Symbol ids within a burst are consecutive on the wire (modulo 256: repair ids cycle), so
+        # skipped ids are packets lost on the way (the network, or our own full socket buffer); the
+        # sender's rate control reads this.  A small step back is a reordered packet filling a gap.
+        if burst[0] == 0:
+            burst[0], burst[2] = 1, esi
+        else:
+            step = (esi - burst[2]) % 256
+            if 1 <= step <= 128:
+                burst[0], burst[1], burst[2] = burst[0] + 1, burst[1] + step - 1, esi
+            elif step > 128:
+                burst[0], burst[1] = burst[0] + 1, max(0, burst[1] - 1)
         if self._done[block] or self.state != RECEIVING:
             self.duplicates += 1
             return None
@@ -296,12 +302,12 @@ class Receiver:
         return ranges
 
     def _end_burst(self) -> None:
-        count, low, high = self._burst
-        span = high - low + 1
-        if span >= 8 and count <= span:
-            weight = min(0.5, span / 512)
-            self._loss = (1 - weight) * self._loss + weight * (1 - count / span)
-        self._burst[:] = [0, 256, -1]
+        count, gaps, _ = self._burst
+        span = count + gaps
+        if span >= 8:
+            weight = min(0.25, span / 1024)  # a burst of a whole block counts about 1/8
+            self._loss = (1 - weight) * self._loss + weight * (gaps / span)
+        self._burst[:] = [0, 0, 0]
 
     def _complete(self) -> None:
         self.state = COMPLETE

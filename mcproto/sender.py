@@ -134,7 +134,7 @@ class SenderConfig:
     proactive_min: float = 0.01  # proactive repair per block, as a fraction of k, at least
     proactive_max: float = 0.25
     feedback_interval: float = 0.05
-    inflight_window: float = 0.1  # repairs younger than this may not have reached a reporter yet
+    inflight_window: float = 0.02  # repairs younger than this (~2 RTT + queueing) may not have reached a reporter
     heartbeat_interval: float = 0.2
     announce: bytes = b""  # an encoded Announce to repeat on the group (empty: none)
     announce_interval: float = 0.5
@@ -193,6 +193,7 @@ class Sender:
         self._next_esi: dict[int, int] = {}  # next fresh repair symbol id per block
         self._recent: dict[int, tuple[float, int]] = {}  # block -> (time of last repair, count in window)
         self.rate = config.max_rate  # current send rate, bytes/s (adaptive)
+        self._over_ceiling = 0  # consecutive rate checks with the worst loss above the ceiling
         self._next_rate_check = now
         self._tokens = 0.0
         self._burst = max(16 * (config.symbol_size + packets.HEADER_SIZE), config.max_rate * 0.004)
@@ -405,16 +406,20 @@ class Sender:
     def _finish_client(self, client: ClientRecord, outcome: str, reason: str, sha256: str | None,
                        seconds: float) -> None:
         client.state, client.reason, client.sha256, client.seconds = outcome, reason, sha256, seconds
-        for b in [b for b, who in self._catchup_for.items() if client.client_id in who]:
-            who = self._catchup_for[b]
-            who.discard(client.client_id)
-            if not who:  # nobody left who needs this block resent whole
-                del self._catchup_for[b]
-                self._catchup.pop(b, None)
+        self._forget_requests(client.client_id)
         self._events.append(ClientFinished(
             client.client_id, outcome, reason, sha256,
             self.config.image_size if outcome == "done" else 0, seconds, client.address,
         ))
+
+    def _forget_requests(self, client_id: str) -> None:
+        """A client left (finished, dropped, moved): stop resending whole blocks only it needed."""
+        for b in [b for b, who in self._catchup_for.items() if client_id in who]:
+            who = self._catchup_for[b]
+            who.discard(client_id)
+            if not who:
+                del self._catchup_for[b]
+                self._catchup.pop(b, None)
 
     def _check_progress(self, now: float) -> None:
         cfg = self.config
@@ -467,6 +472,7 @@ class Sender:
                     if pol.slow_policy == "tier":
                         c.state = "moved"
                         c.moved_at = now
+                        self._forget_requests(c.client_id)
                         self._events.append(ClientTooSlow(c.client_id, c.recv_rate or 0.0))
                     else:
                         self._drop(c, now)
@@ -477,7 +483,10 @@ class Sender:
             return
         worst = max(c.loss for c in counted)
         floor = max(pol.min_rate, pol.drop_below if pol.slow_policy in ("drop", "tier") else 0.0)
-        if worst > pol.loss_ceiling:
+        # Act on a sustained signal only: with hundreds of receivers the worst of their noisy
+        # estimates crosses the ceiling now and then without any congestion.
+        self._over_ceiling = self._over_ceiling + 1 if worst > pol.loss_ceiling else 0
+        if self._over_ceiling >= 2:
             self.rate = max(min(floor, self.config.max_rate), self.rate * pol.decrease)
         elif worst < pol.loss_ceiling / 2:
             self.rate = min(self.config.max_rate, self.rate + pol.increase * self.config.max_rate)
@@ -495,10 +504,21 @@ class Sender:
 
     def _on_need(self, first: int, count: int, need: int, now: float, client_id: str = "") -> None:
         """A receiver needs ``need`` more symbols in each of ``count`` blocks from ``first``."""
-        last = min(first + count, self._cursor, self._nblocks)
+        # Only blocks whose first pass is over: the block being sent still has symbols coming.
+        passed = self._cursor - (1 if self._current else 0)
+        last = min(first + count, passed, self._nblocks)
         for b in range(max(0, first), last):
             k = self.layout.block_k(b)
             m = min(need, k)
+            t, recent = self._recent.get(b, (-math.inf, 0))
+            if now - t < self.config.inflight_window:
+                m -= recent  # repairs or catch-up sent so recently they cannot have been counted yet
+            queued = self._catchup.get(b, 0)
+            if queued:  # a catch-up of this block is under way: what it still sends counts too
+                if m > queued:
+                    self._catchup[b] = m
+                self._catchup_for.setdefault(b, set()).add(client_id)
+                continue
             if m <= 0:
                 continue
             if 2 * m > k:
@@ -509,26 +529,23 @@ class Sender:
                 self._catchup[b] = max(self._catchup.get(b, 0), m)
                 self._catchup_for.setdefault(b, set()).add(client_id)
                 continue
-            t, recent = self._recent.get(b, (-math.inf, 0))
-            if now - t < self.config.inflight_window:
-                m -= recent  # those repairs are on their way to the reporter
             if m > self._repairs.get(b, 0):
                 self._repairs[b] = m
 
     def _next_symbols(self, now: float, limit: int) -> list[bytes]:
-        """The next packets: repairs first, then the first pass, then catch-up of whole blocks."""
-        if self._repairs:
+        """The next packets: the rest of the block under way, repairs, new blocks, then catch-up.
+
+        A block's first pass is never interrupted: receivers take a change of block as "the
+        sender moved on" and would ask for symbols still to come (and see false loss).
+        """
+        if self._repairs and not self._current:
             b = next(iter(self._repairs))
             m = self._repairs.pop(b)
             n = min(m, limit)
             if n < m:
                 self._repairs[b] = m - n
             pkts = self._repair_packets(b, n)
-            t, recent = self._recent.get(b, (-math.inf, 0))
-            self._recent[b] = (now, n + (recent if now - t < self.config.inflight_window else 0))
-            if len(self._recent) > 4096:
-                self._recent = {blk: v for blk, v in self._recent.items()
-                                if now - v[0] < self.config.inflight_window}
+            self._note_sent(b, n, now)
             self.repair_symbols += len(pkts)
             return pkts
         if not self._current and self._cursor < self._nblocks:
@@ -570,8 +587,17 @@ class Sender:
             repair_esis = [e for e in esis if e >= k]
             repairs = dict(zip(repair_esis, self._codec.repair(src, repair_esis), strict=True)) if repair_esis else {}
             self.catchup_symbols += n
+            self._note_sent(b, n, now)
             return [self._packet(b, e, src[e] if e < k else repairs[e]) for e in esis]
         return []
+
+    def _note_sent(self, b: int, n: int, now: float) -> None:
+        """Remember symbols just sent for ``b`` beyond its first pass (subtracted from needs reported
+        before they can have arrived)."""
+        t, recent = self._recent.get(b, (-math.inf, 0))
+        self._recent[b] = (now, n + (recent if now - t < self.config.inflight_window else 0))
+        if len(self._recent) > 4096:
+            self._recent = {blk: v for blk, v in self._recent.items() if now - v[0] < self.config.inflight_window}
 
     def _repair_packets(self, b: int, n: int) -> list[bytes]:
         k = self.layout.block_k(b)

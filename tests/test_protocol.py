@@ -54,8 +54,9 @@ def test_late_joiner_at_half_finishes_one_partial_pass_later() -> None:
     assert bytes(late.out) == IMAGE
     assert sender.catchup_symbols + sender.repair_symbols > 0.4 * sender.layout.total_symbols
     one_pass = len(IMAGE) / rate
-    # It missed half the image: it needs the first pass to end plus about half a pass more, not a full one.
-    assert late.finished_at - one_pass < 0.75 * one_pass
+    # It missed half the image: it needs the first pass to end plus about half a pass more (and a few
+    # feedback rounds for its own losses), not a full pass.
+    assert late.finished_at - one_pass < 0.5 * one_pass + 0.25
 
 
 def test_silent_client_is_dropped_and_the_session_still_ends() -> None:
