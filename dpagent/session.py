@@ -21,7 +21,7 @@ from typing import Any
 from clientagent.net import interface_index, is_ipv6
 from mcproto import codec
 from mcproto.errors import ConfigError
-from mcproto.events import ClientFinished, ClientJoined, SessionFinished, TransferStarted
+from mcproto.events import ClientFinished, ClientJoined, ClientTooSlow, SessionFinished, TransferStarted
 from mcproto.messages import Announce, ClientResult, Message, SessionJob, SessionReport
 from mcproto.sender import FINISHED, RatePolicy, Sender, SenderConfig, StartPolicy
 from mcproto.tiers import TieredSession
@@ -232,6 +232,9 @@ class SessionRunner:
                     outcome=ev.outcome, sha256=ev.sha256, reason=ev.reason[:500], bytes=ev.bytes,
                     seconds=round(ev.seconds, 6), address=ev.address[:128],
                 ))
+            elif isinstance(ev, ClientTooSlow):
+                log.info("client moved to a slower tier deployment=%s client=%s receiving=%.1f Mbit/s",
+                         job.deployment, ev.client_id, ev.recv_rate * 8 / 1e6)
             elif isinstance(ev, SessionFinished):
                 log.info("session finished deployment=%s done=%d failed=%d reason=%s", job.deployment,
                          ev.clients_done, ev.clients_failed, ev.reason)

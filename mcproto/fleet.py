@@ -109,7 +109,8 @@ class ReceiverFleet:
         self._burst_prev = np.zeros(n, dtype=np.int64)
         self.feedback_interval = np.full(n, self._fi)  # the heartbeats' pace overrides the offer's
         self._window_symbols = np.zeros(n, dtype=np.int64)  # data packets since the last status
-        self._window_start = np.zeros(n)
+        self._window_first = np.full(n, -1.0)  # when the first and last of them arrived
+        self._window_last = np.full(n, -1.0)
         self.horizon = np.zeros(n, dtype=np.int64)
         self.last_block = np.full(n, -1, dtype=np.int64)
         self.scan_pos = np.zeros(n, dtype=np.int64)
@@ -148,7 +149,6 @@ class ReceiverFleet:
         self.next_rescan[idx] = now + self._rescan
         self.next_status[idx] = now
         self.last_heard[idx] = now
-        self._window_start[idx] = now
         self._set_state(idx, RECEIVING)
         if self.blocks == 0:
             self._complete(idx, now)
@@ -233,9 +233,10 @@ class ReceiverFleet:
             needs = self._needs(i, now)
             if needs or now - self.last_status[i] >= self._keepalive:
                 self.last_status[i] = now
-                elapsed = now - float(self._window_start[i])
-                kbps = round(int(self._window_symbols[i]) * self._ss * 8 / elapsed / 1000) if elapsed > 0 else None
-                self._window_symbols[i], self._window_start[i] = 0, now
+                # Receiver._receive_kbps
+                n, span = int(self._window_symbols[i]), float(self._window_last[i] - self._window_first[i])
+                kbps = round((n - 1) * self._ss * 8 / span / 1000) if n >= 16 and span > 0 else None
+                self._window_symbols[i], self._window_first[i], self._window_last[i] = 0, -1.0, -1.0
                 out.append((i, Status(session_id=self.session_id, client_id=self.client_ids[i],
                                       blocks_done=int(self.blocks_done[i]), needs=needs,
                                       loss_permille=min(1000, round(float(self.loss[i]) * 1000)),
@@ -278,6 +279,8 @@ class ReceiverFleet:
         """One DATA packet of block ``b``, id ``esi``, at the receiving receivers in ``mask``."""
         self.data_deliveries += 1
         self._window_symbols += mask
+        np.copyto(self._window_first, now, where=mask & (self._window_first < 0))
+        np.copyto(self._window_last, now, where=mask)
         np.maximum(self.horizon, b, out=self.horizon, where=mask)
         moved = mask & (self.last_block != b)
         if moved.any():

@@ -89,8 +89,11 @@ class Receiver:
         self._next_report = math.inf
         self.reason = ""
         self.unicast_allowed = False
-        self._window_symbols = 0  # data packets arrived since the last status (receive rate)
-        self._window_start = now
+        # Receive rate: data packets since the last status, and when the first and last arrived
+        # (measured while packets flow, so a pause of the sender is not taken for a slow client).
+        self._window_symbols = 0
+        self._window_first = -1.0
+        self._window_last = -1.0
         self._events: deque[ReceiverEvent] = deque()
         self.state = RECEIVING
         if self.blocks == 0:
@@ -128,6 +131,9 @@ class Receiver:
             raise PacketError("payload length does not match the offer")
         self._last_heard = now
         self._window_symbols += 1  # arrival rate, duplicates included: what this receiver can take in
+        if self._window_first < 0:
+            self._window_first = now
+        self._window_last = now
         if block > self._horizon:
             self._horizon = block  # the sender is on ``block``: every block before it was sent
         burst = self._burst
@@ -221,9 +227,7 @@ class Receiver:
             needs = self._needs(now) if self.state == RECEIVING else []
             if needs or now - self._last_status >= self._keepalive_interval:
                 self._last_status = now
-                elapsed = now - self._window_start
-                kbps = round(self._window_symbols * self._ss * 8 / elapsed / 1000) if elapsed > 0 else None
-                self._window_symbols, self._window_start = 0, now
+                kbps = self._receive_kbps()
                 out.append(Status(session_id=self.session_id, client_id=self.client_id,
                                   blocks_done=self.blocks_done, needs=needs,
                                   loss_permille=min(1000, round(self._loss * 1000)),
@@ -300,6 +304,14 @@ class Receiver:
             self._scan_pos = 0
             self._next_rescan = now + self._rescan_interval
         return ranges
+
+    def _receive_kbps(self) -> int | None:
+        """The data rate arriving here since the last status; None when too few packets to tell."""
+        n, span = self._window_symbols, self._window_last - self._window_first
+        self._window_symbols, self._window_first, self._window_last = 0, -1.0, -1.0
+        if n < 16 or span <= 0:
+            return None
+        return round((n - 1) * self._ss * 8 / span / 1000)
 
     def _end_burst(self) -> None:
         count, gaps, _ = self._burst

@@ -159,6 +159,7 @@ class ClientRecord:
     loss: float = 0.0
     recv_rate: float | None = None  # bytes/s of data arriving at the client, as it reports
     slow_since: float | None = None
+    rate_fresh: bool = False  # a receive rate arrived since the last rate check
     moved_at: float = -math.inf
     state: str = "joined"  # joined | done | failed | moved
     reason: str = ""
@@ -229,6 +230,7 @@ class Sender:
             client.loss = msg.loss_permille / 1000.0
             if msg.recv_kbps is not None:
                 client.recv_rate = msg.recv_kbps * 1000 / 8
+                client.rate_fresh = True
             if self.state == TRANSFERRING and client.state == "joined":
                 for first, count, need in msg.needs:
                     self._on_need(first, count, need, now, client.client_id)
@@ -325,7 +327,9 @@ class Sender:
         t = self._next_heartbeat
         if self.config.announce and self.state != FINISHED:
             t = min(t, self._next_announce)
-        if self.state == WAITING:
+        if self.state == WAITING and self.clients:
+            # A start deadline matters only once someone is there to start for (else a past
+            # deadline would make the adapter spin).
             t = min(t, self.config.start.next_deadline(self.opened_at))
         elif self.state == TRANSFERRING and self.has_data_work:
             if self._tokens > 0:
@@ -463,6 +467,9 @@ class Sender:
         for c in self.clients.values():
             if c.state != "joined":
                 continue
+            if not c.rate_fresh and c.slow_since is not None:
+                continue  # no new measurement: neither condemn nor clear it on an old one
+            c.rate_fresh = False
             slow = (pol.slow_policy in ("drop", "tier") and c.recv_rate is not None
                     and c.recv_rate < min(pol.drop_below, 0.5 * self.rate))
             if slow:

@@ -134,6 +134,7 @@ class TieredSession:
             while (ev := s.next_event()) is not None:
                 if isinstance(ev, ClientTooSlow) and i + 1 < len(self.senders):
                     self._move(ev.client_id, i, now)
+                    self._events.append(ev)  # for the adapter's log
                 elif isinstance(ev, SessionFinished):
                     continue  # the tiered session finishes as a whole, below
                 elif isinstance(ev, ClientJoined) and i > 0:

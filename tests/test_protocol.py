@@ -234,3 +234,14 @@ def test_feedback_from_a_large_group_is_paced() -> None:
     transfer = [t for t in counted if sender.started_at is not None and t >= sender.started_at]
     per_second = len(transfer) / max(1e-9, end - (sender.started_at or 0))
     assert per_second < 600 / sender.config.feedback_interval / 2  # at least halved against 12,000/s
+
+
+def test_a_waiting_session_without_clients_never_asks_for_a_timer_in_the_past() -> None:
+    """A start delay that elapsed with nobody joined must not make the adapter spin."""
+    cfg = SenderConfig(session_id=1, deployment="d", group="g", port=1, image_size=1000, image_sha256="0" * 64,
+                       start=StartPolicy(delay=1.0))
+    s = Sender(cfg, lambda o, n: bytes(n), 0.0)
+    for now in (0.5, 1.5, 10.0):
+        s.handle_timer(now)
+        s.datagrams_to_send(now)
+        assert s.get_timer() > now
