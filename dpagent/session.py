@@ -161,7 +161,14 @@ class SessionRunner:
     def run(self) -> dict[str, Any]:
         """Send until the session finishes; returns final statistics."""
         try:
-            sock = open_data_socket(self.settings.mcast_interface, self.settings.mcast_ttl, self.job.group)
+            if is_ipv6(self.job.group):
+                if not self.settings.mcast_interface6:
+                    raise ConfigError(f"session group {self.job.group} is IPv6 but this DP has no "
+                                      "MCDEPLOY_DP_MCAST_INTERFACE6 set")
+                iface = self.settings.mcast_interface6
+            else:
+                iface = self.settings.mcast_interface
+            sock = open_data_socket(iface, self.settings.mcast_ttl, self.job.group)
         except BaseException:
             self._file.close()
             raise

@@ -18,7 +18,7 @@ from dpagent import runtime
 from dpagent.session import SessionRunner
 from dpagent.staging import verify_content
 from mcproto.codec import from_body
-from mcproto.errors import MessageError
+from mcproto.errors import McdeployError, MessageError
 from mcproto.messages import SessionJob, SessionReport
 from mcsite.celeryapp import app
 
@@ -76,6 +76,10 @@ def open_session(self: Any, body: Any) -> dict[str, Any]:
                  job.deployment, job.session_id, job.group, job.port, job.image.name, job.expected_clients)
         try:
             stats = runner.run()
+        except McdeployError as exc:  # e.g. the multicast interface cannot be used: say why, don't hang
+            log.error("session failed deployment=%s: %s", job.deployment, exc)
+            report("failed", str(exc))
+            return {"state": "failed", "reason": str(exc)}
         finally:
             rt.host.unregister(runner)
         rt.relay.send(runner.final_report())

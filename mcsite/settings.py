@@ -83,7 +83,8 @@ class ControllerSettings(_Component):
     toml_table: ClassVar[str] = "controller"
 
     group_prefix: str = Field("239.255.77.", description="Sessions get groups prefix+1..254 "
-                              "(administratively scoped IPv4, RFC 2365).")
+                              "(administratively scoped IPv4, RFC 2365); an IPv6 prefix such as 'ff15::77:' "
+                              "gives IPv6 groups prefix+1..ffff (DPs then need mcast_interface6).")
     port_min: int = Field(47200, ge=1024, le=65535, description="Lowest data port for sessions.")
     port_max: int = Field(47999, ge=1024, le=65535, description="Highest data port for sessions.")
     start_timeout_s: float = Field(60.0, gt=0, description="Start with whoever joined after this.")
@@ -105,7 +106,10 @@ class DPSettings(_Component):
     mcast_interface: str = Field("127.0.0.1", description="IPv4 address of the interface multicast "
                                  "leaves by.  Loopback by default: set the DP's LAN address to "
                                  "serve real clients.")
-    mcast_ttl: int = Field(1, ge=0, le=255, description="Multicast TTL; 1 keeps it on the link.")
+    mcast_interface6: str = Field("", description="Interface (name, index or address) for IPv6 groups. "
+                                  "No default: IPv6 multicast does not work on loopback, and the DP must never "
+                                  "pick a real interface by itself.")
+    mcast_ttl: int = Field(1, ge=0, le=255, description="Multicast TTL (IPv6 hop limit); 1 keeps it on the link.")
     max_rate_mbps: float = Field(400.0, gt=0, description="Ceiling of any session's send rate.")
     symbol_size: int = Field(1400, ge=256, le=8900, description="Payload bytes per datagram; "
                              "1,400 + 24-byte header fits a 1,500-byte MTU without fragmenting.")

@@ -153,8 +153,10 @@ class State:
         n = int(self.r.incrby(self.k.alloc, streams)) - streams
 
         def allocate(i: int) -> tuple[str, int]:
-            return (f"{ctl.group_prefix}{1 + (n + i) % 254}",
-                    ctl.port_min + (n + i) % (ctl.port_max - ctl.port_min + 1))
+            port = ctl.port_min + (n + i) % (ctl.port_max - ctl.port_min + 1)
+            if ":" in ctl.group_prefix:  # IPv6, e.g. ff15::77: -> ff15::77:1 .. ff15::77:ffff
+                return f"{ctl.group_prefix}{1 + (n + i) % 0xFFFF:x}", port
+            return f"{ctl.group_prefix}{1 + (n + i) % 254}", port
 
         group, port = allocate(0)
         rate = req.max_rate_mbps or ctl.default_rate_mbps

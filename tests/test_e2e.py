@@ -144,3 +144,17 @@ def test_a_dp_session_is_found_by_discovery_on_its_group(site: Site, image_file:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["deployment"] == dep_id
     assert (tmp_path / "d").read_bytes() == image_file.read_bytes()
+
+
+def test_ipv6_groups_are_allocated_and_a_dp_without_an_ipv6_interface_refuses_clearly(
+        site: Site, image_file: Path) -> None:
+    """IPv6 sessions need the DP's IPv6 interface named: never a guess (IPv6 multicast is not on lo here)."""
+    from mcsite.settings import ControllerSettings
+
+    api.add_image(site.state, str(image_file), name="v6-img")
+    ctl = ControllerSettings(group_prefix="ff15::77:")
+    dep_id, job, _ = api.deploy(site.state, app, DeployRequest(image="v6-img", dp=site.dp, clients=1), ctl)
+    assert job.group.startswith("ff15::77:")
+    dep = wait_for(lambda: (d := site.state.get_deployment(dep_id))["state"] == "failed" and d, timeout=30)
+    assert dep, site.state.get_deployment(dep_id)
+    assert "MCDEPLOY_DP_MCAST_INTERFACE6" in dep["reason"]
