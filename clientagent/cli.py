@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 from typing import Any
 
 from clientagent.impair import Impairment
 from clientagent.net import interface_index, is_multicast, parse_hostport
+from clientagent.output import SPOOL_MEMORY, STDOUT
 from clientagent.transfer import EXIT_USAGE, ClientOptions, ClientResultInfo, receive
 
 DISCOVER_PORT = 47301  # the data port `mcdeploy send` uses by default
@@ -42,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--discover", metavar="GROUP[:PORT]",
                        help="find the session by the announce its sender repeats on this multicast group "
                        f"(IPv4 or [IPv6]:PORT; port default {DISCOVER_PORT}) instead of naming the DP")
-    p.add_argument("--out", required=True, help="output file or block device")
+    p.add_argument("--out", required=True,
+                   help="output: a file, a block device, or - for stdout (in order, for piping into an apply "
+                   "command; then --json goes to stderr)")
     p.add_argument("--interface", default=None,
                    help="where to join multicast groups: an IPv4 address, or for IPv6 an interface name, "
                    "index or address (default: the interface towards the DP; for --discover the system's "
@@ -54,7 +58,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=120.0,
                    help="seconds to wait for a session to be announced/offered (default 120)")
     add_common_arguments(p)
+    add_output_arguments(p)
     return p
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """Resume and output options; :func:`check_output` checks them, :func:`output_options` passes them on."""
+    g = p.add_argument_group("output and resume")
+    g.add_argument("--journal", default=None, metavar="PATH",
+                   help="resume journal: a file, or a directory to keep it in (default: OUT.mcdeploy-journal "
+                   "beside a file output). Run again with the same --out after a crash, kill or power loss and "
+                   "only the missing blocks are received. A block device resumes only with --journal, on a disk "
+                   "that survives a reboot. Not for --out -")
+    g.add_argument("--no-resume", action="store_true",
+                   help="keep no journal and ignore an existing one: always receive the whole image")
+    g.add_argument("--no-sparse", action="store_true",
+                   help="write all-zero blocks to a file output too (default: leave them as holes; block devices "
+                   "always get zeros written)")
+    g.add_argument("--spool-memory", type=float, default=SPOOL_MEMORY / 2**20, metavar="MIB",
+                   help="--out -: MiB of out-of-order blocks kept in memory before they go to a temporary spool "
+                   f"file (default {SPOOL_MEMORY // 2**20})")
+    g.add_argument("--spool-dir", default=None, metavar="DIR",
+                   help="--out -: directory of the spool file (default: the system's temporary directory)")
+
+
+def check_output(args: argparse.Namespace) -> str | None:
+    """A one-line usage error for the output options, or None."""
+    if args.out == STDOUT and args.journal is not None:
+        return ("--journal does not apply to --out -: stdout cannot be rewound, so a receive to a pipe cannot "
+                "resume (receive to a file or device to resume)")
+    if args.spool_memory < 0:
+        return "--spool-memory must be >= 0"
+    if args.spool_dir is not None and not os.path.isdir(args.spool_dir):
+        return f"--spool-dir {args.spool_dir} is not a directory"
+    return None
+
+
+def output_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`ClientOptions` fields set by :func:`add_output_arguments`."""
+    return {"journal": args.journal, "resume": not args.no_resume, "sparse": not args.no_sparse,
+            "spool_memory": int(args.spool_memory * 2**20), "spool_dir": args.spool_dir}
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,11 +144,15 @@ def result_dict(opts: ClientOptions, result: ClientResultInfo) -> dict[str, Any]
         "transfer_seconds": round(result.transfer_seconds, 3),
         "packets": result.packets, "duplicates": result.duplicates, "rejected": result.rejected,
         "test_dropped": result.test_dropped, "deployment": result.deployment, "moves": result.moves,
+        **result.extra,
     }
 
 
 def run(opts: ClientOptions, prog: str, *, json_out: bool = False, quiet: bool = False) -> int:
-    """Receive with ``opts``: progress on a terminal, one verdict line on stderr, optional JSON; the exit code."""
+    """Receive with ``opts``: progress on a terminal, one verdict line on stderr, optional JSON; the exit code.
+
+    With ``--out -`` stdout carries the image, so the JSON line goes to stderr.
+    """
     if opts.test_loss:
         print(f"{prog}: TEST FEATURE: dropping {opts.test_loss * 100:g} % of data packets on arrival",
               file=sys.stderr)
@@ -118,8 +165,11 @@ def run(opts: ClientOptions, prog: str, *, json_out: bool = False, quiet: bool =
             pct = 100.0 * got / total if total else 100.0
             print(f"\r{prog}: {pct:5.1f} % ({got}/{total} blocks)", end="", file=sys.stderr)
 
+    def notice(text: str) -> None:
+        print(("\n" if tty else "") + f"{prog}: {text}", file=sys.stderr)
+
     try:
-        result = receive(opts, progress)
+        result = receive(opts, progress, notice)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
@@ -132,7 +182,8 @@ def run(opts: ClientOptions, prog: str, *, json_out: bool = False, quiet: bool =
     else:
         print(f"{prog}: FAILED ({result.exit_code}): {result.reason}", file=sys.stderr)
     if json_out:
-        print(json.dumps(result_dict(opts, result)), flush=True)
+        print(json.dumps(result_dict(opts, result)), file=sys.stderr if opts.out == STDOUT else sys.stdout,
+              flush=True)
     return result.exit_code
 
 
@@ -145,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    problem = check_common(args)
+    problem = check_common(args) or check_output(args)
     if group is not None and problem is None and not is_multicast(group[0]):
         problem = f"--discover: {group[0]} is not a multicast group address"
     if problem:
@@ -155,6 +206,6 @@ def main(argv: list[str] | None = None) -> int:
                          deployment=args.deployment, wait_s=args.wait, idle_timeout_s=args.idle_timeout,
                          test_loss=args.test_loss / 100.0, test_impair=args.test_impair, seed=args.test_seed,
                          discover=group,
-                         interface=args.interface)
+                         interface=args.interface, **output_options(args))
     return run(opts, prog, json_out=args.json, quiet=args.quiet)
 

@@ -5,6 +5,12 @@ decides what to ask for and when; this module moves datagrams, writes bytes
 and reads the clock.  Success is claimed only after the output was fsynced,
 re-read and found to match the offer's SHA-256, and the DP acknowledged it.
 
+Outputs (:mod:`clientagent.output`): a file (zero blocks left as holes), a block
+device, or stdout (``--out -``, in order through a bounded spool, hashed as it is
+written).  Resume (:mod:`clientagent.journal`): blocks are committed to a journal
+beside the output once fsynced; a run with the same ``--out`` after a crash hands
+them to the receiver as already done, so only the missing blocks are received.
+
 The DP is found either by its address (``--dp``) or, for a receiver that knows
 only a multicast group (``mcdeploy receive``, ``mcdeploy-client --discover``),
 by :func:`discover`: the sender repeats an ``Announce`` on the group naming its
@@ -21,12 +27,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from clientagent import journal as journal_mod
 from clientagent.impair import Impairment
+from clientagent.journal import Committer, Journal, JournalError
 from clientagent.net import format_hostport, host_of, interface_towards, open_control_socket, open_data_socket
-from clientagent.output import FileOutput, OutputError
+from clientagent.output import SPOOL_MEMORY, FileOutput, OutputError, PipeOutput, classify
 from mcproto import codec, packets
 from mcproto.errors import MessageError, PacketError
 from mcproto.events import Acknowledged, GaveUp, Moved, TransferComplete
+from mcproto.fec import Layout
 from mcproto.messages import Announce, Join, NoSession, Offer
 from mcproto.receiver import Receiver
 
@@ -58,6 +67,13 @@ class ClientOptions:
     # towards the DP for data, the kernel's choice for discovery.
     interface: str | None = None
     agent: str = "mcdeploy-client/0.1"
+    # Outputs and resume (see clientagent.output and clientagent.journal).
+    journal: str | None = None  # journal file, or a directory for it; None: beside a regular-file output
+    resume: bool = True  # keep a journal and resume from a matching one; False: always start fresh
+    sparse: bool = True  # leave all-zero blocks of a regular-file output as holes
+    spool_memory: int = SPOOL_MEMORY  # --out -: bytes of out-of-order blocks held in memory before spooling
+    spool_dir: str | None = None  # --out -: where the spool file goes (default: the temp directory)
+    commit_interval_s: float = 0.1  # a written block is committed to the journal within about this long
 
     def impairment(self) -> Impairment | None:
         """The TEST FEATURE impairment asked for, or None (the normal case)."""
@@ -96,6 +112,7 @@ class ClientResultInfo:
 
 
 Progress = Callable[[int, int], None]
+Notice = Callable[[str], None]
 
 
 def join_session(opts: ClientOptions, sock, dp_addr) -> Offer | ClientResultInfo:  # type: ignore[no-untyped-def]
@@ -188,8 +205,13 @@ def discover(group: str, port: int, interface: str | None = None, wait: float = 
     return None
 
 
-def receive(opts: ClientOptions, progress: Progress | None = None) -> ClientResultInfo:
-    """The whole client job; never raises for network or disk trouble, returns an exit code."""
+def receive(opts: ClientOptions, progress: Progress | None = None, notice: Notice | None = None
+            ) -> ClientResultInfo:
+    """The whole client job; never raises for network or disk trouble, returns an exit code.
+
+    ``notice`` gets one-line remarks worth telling the user (resuming, starting fresh and why,
+    an unknown device size); ``progress`` (blocks done, blocks) twice a second.
+    """
     if opts.dp is None:
         found = _discover(opts)
         if isinstance(found, ClientResultInfo):
@@ -204,7 +226,7 @@ def receive(opts: ClientOptions, progress: Progress | None = None) -> ClientResu
         offer = join_session(opts, ctrl, dp_addr)
         if isinstance(offer, ClientResultInfo):
             return offer
-        return _run(opts, offer, ctrl, dp_addr, progress)
+        return _run(opts, offer, ctrl, dp_addr, progress, notice or _silent)
     finally:
         ctrl.close()
 
@@ -230,8 +252,87 @@ def _discover(opts: ClientOptions) -> ClientOptions | ClientResultInfo:
                                wait_s=left)
 
 
-def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | None  # type: ignore[no-untyped-def]
-         ) -> ClientResultInfo:
+def _silent(_: str) -> None:
+    pass
+
+
+@dataclass
+class _Opened:
+    """An output ready to be written, with its journal (None: no resume) and the blocks it already holds."""
+
+    output: FileOutput | PipeOutput
+    journal: Journal | None = None
+    done: set[int] = field(default_factory=set)
+
+
+def _open_output(opts: ClientOptions, offer: Offer, say: Notice) -> _Opened:
+    """Open ``opts.out`` and its journal; resume from the journal if it matches this image and output.
+
+    Order matters for power loss: a fresh journal is durable before the output is truncated, so
+    a journal never outlives the data it describes.  Raises :class:`OutputError`.
+    """
+    layout = Layout(offer.image_size, offer.symbol_size, offer.block_symbols)
+    if classify(opts.out) == "stdout":
+        out = PipeOutput(offer.image_size, layout.block_bytes, memory_limit=opts.spool_memory,
+                         spool_dir=opts.spool_dir)
+        if opts.resume:
+            say("resume does not apply to --out -: a pipe cannot be rewound, so a restart receives the whole "
+                "image again")
+        return _Opened(out)
+    output = FileOutput(opts.out, offer.image_size, fresh=None, sparse=opts.sparse)
+    try:
+        for note in output.notes:
+            say(note)
+        if not opts.resume:
+            output.prepare(fresh=True)
+            return _Opened(output)
+        if output.device and opts.journal is None:
+            say(f"resume is off for {opts.out}: a device's journal needs --journal FILE|DIR on a disk that "
+                "survives a reboot")
+            return _Opened(output)
+        path = journal_mod.default_path(opts.out, opts.journal)
+        ident = journal_mod.identity(offer.image_sha256, offer.image_size, offer.symbol_size, offer.block_symbols,
+                                     opts.out, output.found_size if output.device else offer.image_size)
+        try:
+            found = journal_mod.read(path)
+            why = _unusable(found, ident, output, offer.image_size)
+            done = set() if why else {b for b in found.blocks if 0 <= b < layout.blocks}
+            if done:
+                journal = Journal.reopen(path, found)
+                output.prepare(fresh=False)
+                torn = f" (ignored a torn tail of {found.torn_bytes} bytes)" if found.torn_bytes else ""
+                say(f"resuming from journal {path}: {len(done)} of {layout.blocks} blocks already on disk{torn}")
+                return _Opened(output, journal, done)
+            if why and why != "no journal":
+                say(f"journal {path} not used ({why}): starting fresh")
+            journal = Journal.create(path, ident)
+        except JournalError as exc:
+            say(f"resume is off: {exc}")
+            output.prepare(fresh=True)
+            return _Opened(output)
+        output.prepare(fresh=True)
+        return _Opened(output, journal)
+    except OutputError:
+        output.close()
+        raise
+
+
+def _unusable(found: journal_mod.Contents, ident: dict, output: FileOutput, size: int) -> str:
+    """Why a journal read as ``found`` cannot be resumed from for this image and output ("" if it can)."""
+    if found.identity is None:
+        return found.problem
+    differ = sorted(k for k in set(ident) | set(found.identity) if ident.get(k) != found.identity.get(k))
+    if differ:
+        return "it is for another image or output: " + ", ".join(differ) + " differ"
+    if not output.existed:
+        return f"{output.path} no longer exists"
+    if not output.device and output.found_size != size:
+        return f"{output.path} is {output.found_size} bytes, not {size}"
+    return ""
+
+
+def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | None,  # type: ignore[no-untyped-def]
+         say: Notice) -> ClientResultInfo:
     impair = opts.impairment()
     started = first_data = time.monotonic()
     got_data = False
@@ -246,13 +347,18 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
         _report_failure(opts, offer, ctrl, dp_addr, info.reason)
         return info
     try:
-        output = FileOutput(opts.out, offer.image_size)
+        opened = _open_output(opts, offer, say)
     except OutputError as exc:
         data.close()
         info.exit_code, info.reason = EXIT_OUTPUT_FAILED, str(exc)
         _report_failure(opts, offer, ctrl, dp_addr, info.reason)
         return info
-    receiver = Receiver(offer, opts.client_id, started, idle_timeout=opts.idle_timeout_s)
+    output, journal = opened.output, opened.journal
+    committer = Committer(output, journal, interval=opts.commit_interval_s) if journal is not None else None
+    receiver = Receiver(offer, opts.client_id, started, idle_timeout=opts.idle_timeout_s, done_blocks=opened.done)
+    block_bytes = receiver.layout.block_bytes
+    received = 0  # blocks completed by this run (a resumed run: only those the journal did not have)
+    committing = committer is not None  # until the transfer is complete; then the verifier commits the rest
     sel = selectors.DefaultSelector()
     sel.register(data, selectors.EVENT_READ, "data")
     sel.register(ctrl, selectors.EVENT_READ, "ctrl")
@@ -283,6 +389,9 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                                 if not got_data:
                                     got_data, first_data = True, now
                                 output.write_at(w[0], w[1])
+                                received += 1
+                                if committer is not None:
+                                    committer.add(w[0] // block_bytes, now)
                 else:
                     _read_control(ctrl, dp_addr, receiver, now)
             now = time.monotonic()
@@ -291,7 +400,8 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                 if isinstance(ev, TransferComplete):
                     # Verify in a thread (hashlib releases the GIL): the loop keeps sending
                     # keepalives, so a long verification of a large image is not taken for a dead client.
-                    verifier = Verifier(output)
+                    committing = False
+                    verifier = Verifier(output, committer.close if committer is not None else None)
                 elif isinstance(ev, Acknowledged):
                     info.acknowledged = True
                     if ev.outcome == "done" and info.verified:
@@ -311,6 +421,9 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                     data = open_data_socket(ev.group, ev.port, interface)
                     sel.register(data, selectors.EVENT_READ, "data")
                     info.moves += 1
+            if committing:
+                assert committer is not None
+                committer.poll(now)
             if verifier is not None and verifier.finished:
                 if verifier.error is not None:
                     raise verifier.error
@@ -333,9 +446,25 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
     finally:
         sel.close()
         data.close()
+        if verifier is not None:
+            verifier.join(300.0)  # the loop ended while verifying (e.g. dropped): let it stop using the output
+        if committer is not None:
+            with contextlib.suppress(OutputError):
+                committer.close()  # what was written is committed, for a restart to resume from
         output.close()
+        if journal is not None:
+            _settle_journal(journal, committer, info.exit_code, receiver.blocks, say)
     if info.exit_code == EXIT_VERIFY_FAILED:
         info.reason = "SHA-256 of the written image does not match the offer"
+    info.extra.update({
+        "output": output.kind, "blocks": receiver.blocks, "blocks_received": received,
+        "resumed_blocks": len(opened.done), "journal": journal.path if journal is not None else "",
+        "journal_commits": committer.commits if committer is not None else 0,
+        "journal_blocks": committer.committed if committer is not None else 0,
+        **output.stats(),
+    })
+    if committer is not None and committer.journal_error:
+        info.extra["journal_error"] = committer.journal_error
     info.seconds = time.monotonic() - started
     info.transfer_seconds = time.monotonic() - first_data if got_data else 0.0
     info.test_dropped = impair.dropped if impair is not None else 0
@@ -345,11 +474,27 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
     return info
 
 
-class Verifier:
-    """fsync + re-read + SHA-256 of the output, off the receive loop."""
+def _settle_journal(journal: Journal, committer: Committer | None, exit_code: int, blocks: int,
+                    say: Notice) -> None:
+    """Success: the journal goes.  A failed verification: it goes too (its claims are void).  Else it stays."""
+    if exit_code == EXIT_OK:
+        journal.remove()
+    elif exit_code == EXIT_VERIFY_FAILED:
+        journal.remove()
+        say(f"journal {journal.path} removed: the written image did not verify, so a restart starts fresh")
+    else:
+        journal.close()
+        committed = committer.committed if committer is not None else len(journal.blocks)
+        say(f"journal {journal.path} kept: run again with the same --out to resume "
+            f"({committed} of {blocks} blocks committed)")
 
-    def __init__(self, output: FileOutput) -> None:
+
+class Verifier:
+    """Final journal commit, fsync + re-read + SHA-256 of the output (or the stream's digest), off the receive loop."""
+
+    def __init__(self, output: FileOutput | PipeOutput, before: Callable[[], None] | None = None) -> None:
         self.output = output
+        self._before = before
         self.digest = ""
         self.error: OutputError | None = None
         self._thread = threading.Thread(target=self._run, name="verify", daemon=True)
@@ -357,6 +502,8 @@ class Verifier:
 
     def _run(self) -> None:
         try:
+            if self._before is not None:
+                self._before()
             self.output.finish()
             self.digest = self.output.sha256()
         except OutputError as exc:
@@ -365,6 +512,9 @@ class Verifier:
     @property
     def finished(self) -> bool:
         return not self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
 
 
 def _read_control(ctrl, dp_addr, receiver: Receiver, now: float) -> None:  # type: ignore[no-untyped-def]

@@ -34,7 +34,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from clientagent.cli import add_common_arguments, check_common, default_client_id, run
+from clientagent.cli import (
+    add_common_arguments,
+    add_output_arguments,
+    check_common,
+    check_output,
+    default_client_id,
+    output_options,
+    run,
+)
 from clientagent.net import format_hostport, host_of, interface_index, is_ipv6, is_multicast, parse_hostport
 from clientagent.transfer import EXIT_USAGE, ClientOptions
 from controller.cli import parse_time
@@ -143,7 +151,7 @@ def add_send_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_receive_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``mcdeploy receive`` (each documented in ``--help``)."""
-    p.add_argument("--out", required=True, help="output file or block device")
+    p.add_argument("--out", required=True, help="output file, block device, or - for stdout (in order)")
     p.add_argument("--group", default=DEFAULT_GROUP,
                    help=f"multicast group to find the sender on, IPv4 or IPv6 (default {DEFAULT_GROUP})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"UDP port of the group (default {DEFAULT_PORT})")
@@ -155,10 +163,12 @@ def add_receive_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the sender's control address ([V6]:PORT for IPv6; port default {DEFAULT_CONTROL_PORT}) "
                    "instead of waiting for its announce")
     p.add_argument("--id", dest="client_id", default=None,
-                   help="receiver identity the sender reports (default: mac-<MAC>-<process id>)")
+                   help="receiver identity the sender reports (default: mac-<MAC>-<hash of --out>: stable, so a "
+                   "restarted receive resumes as the same receiver)")
     p.add_argument("--wait", type=float, default=120.0, metavar="S",
                    help="seconds to wait for the sender's announce and for joining it (default 120)")
     add_common_arguments(p)
+    add_output_arguments(p)
 
 
 # --------------------------------------------------------------------------- send
@@ -366,7 +376,8 @@ def run_send(args: argparse.Namespace) -> int:
         # model_construct: the standalone sender takes nothing from MCDEPLOY_DP_* or a site file.
         settings = DPSettings.model_construct(
             name=DP_NAME, control_host=control_host, control_port=host.address[1],
-            mcast_interface=args.interface, mcast_ttl=args.ttl, max_rate_mbps=args.rate,
+            mcast_interface=args.interface, mcast_interface6=args.interface, mcast_ttl=args.ttl,
+            max_rate_mbps=args.rate,
             symbol_size=args.symbol_size, block_symbols=args.block_symbols)
         runner = StandaloneRunner(
             job, settings, host.reply, relay, start_clients=args.min_receivers, start_delay=args.start_delay,
@@ -458,10 +469,19 @@ def _summary(runner: SessionRunner, relay: LocalRelay, size: int, sha256: str) -
 # --------------------------------------------------------------------------- receive
 
 
+def _stable_receiver_id(out: str) -> str:
+    """mac-<MAC>-<6 hex of the output's absolute path>: distinct per output on one machine, the same
+    after a restart (so the sender sees the same receiver resume, not a new one)."""
+    import hashlib
+
+    where = out if out == "-" else os.path.abspath(out)
+    return f"{default_client_id()}-{hashlib.sha256(where.encode()).hexdigest()[:6]}"
+
+
 def run_receive(args: argparse.Namespace) -> int:
     """``mcdeploy receive``: the client agent's receive, finding the sender by announce unless --from."""
     prog = "mcdeploy receive"
-    problem = check_common(args)
+    problem = check_common(args) or check_output(args)
     dp = None
     if problem is None and args.source:
         try:
@@ -481,8 +501,9 @@ def run_receive(args: argparse.Namespace) -> int:
     if interface is None and dp is None:
         interface = DEFAULT_INTERFACE
     opts = ClientOptions(
-        dp=dp, out=args.out, client_id=args.client_id or f"{default_client_id()}-{os.getpid()}",
+        dp=dp, out=args.out, client_id=args.client_id or _stable_receiver_id(args.out),
         wait_s=args.wait, idle_timeout_s=args.idle_timeout, test_loss=args.test_loss / 100.0,
         test_impair=args.test_impair, seed=args.test_seed,
-        discover=None if dp else (args.group, args.port), interface=interface, agent="mcdeploy-receive/0.1")
+        discover=None if dp else (args.group, args.port), interface=interface, agent="mcdeploy-receive/0.1",
+        **output_options(args))
     return run(opts, prog, json_out=args.json, quiet=args.quiet)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 
 from mcproto import packets
 from mcproto.errors import PacketError
@@ -53,6 +54,7 @@ class Receiver:
         keepalive_interval: float = 0.5,
         idle_timeout: float = 30.0,
         report_timeout: float = 30.0,
+        done_blocks: Iterable[int] = (),
     ) -> None:
         self.offer = offer
         self.client_id = client_id
@@ -96,7 +98,12 @@ class Receiver:
         self._window_last = -1.0
         self._events: deque[ReceiverEvent] = deque()
         self.state = RECEIVING
-        if self.blocks == 0:
+        # Blocks already committed (a resumed receive): counted as done, never asked for again.
+        for b in done_blocks:
+            if 0 <= b < self.blocks and not self._done[b]:
+                self._done[b] = 1
+                self.blocks_done += 1
+        if self.blocks_done == self.blocks:
             self._complete()
 
     # ------------------------------------------------------------------ inputs

@@ -26,7 +26,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 SEND_OPTIONS = ["--group", "--port", "--interface", "--ttl", "--control-host", "--control-port", "--rate",
                 "--min-receivers", "--start-delay", "--start-at", "--block-symbols", "--symbol-size",
                 "--deployment", "--exit-when-done", "--json"]
-RECEIVE_OPTIONS = ["--out", "--group", "--port", "--interface", "--from", "--id", "--wait", "--json",
+RECEIVE_OPTIONS = ["--out", "--group", "--port", "--interface", "--from", "--id", "--wait", "--json", "--journal",
                    "--test-loss"]
 
 
