@@ -139,10 +139,10 @@ class ReceiverFleet:
 
     # ------------------------------------------------------------------ inputs
 
-    def join(self, idx: int | list[int] | np.ndarray, now: float) -> None:
-        """The offer reached receivers ``idx``: they start receiving (``Receiver.__init__``)."""
-        idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
-        idx = idx[self.state[idx] == IDLE]
+    def join(self, receivers: int | list[int] | np.ndarray, now: float) -> None:
+        """The offer reached ``receivers`` (indices): they start receiving (``Receiver.__init__``)."""
+        which = np.atleast_1d(np.asarray(receivers, dtype=np.int64))
+        idx: np.ndarray = which[self.state[which] == IDLE]
         if idx.size == 0:
             return
         self.joined_at[idx] = now

@@ -30,6 +30,7 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mcproto import packets
 from mcproto.events import (
@@ -337,7 +338,7 @@ class Sender:
         self._check_progress(now)
 
     def _ack(self, client: ClientRecord, addr: object) -> None:
-        outcome = "done" if client.state == "done" else "failed"
+        outcome: Literal["done", "failed"] = "done" if client.state == "done" else "failed"
         self._replies.append((
             Ack(session_id=self.config.session_id, client_id=client.client_id, outcome=outcome,
                 reason=client.reason[:500]),
@@ -500,7 +501,7 @@ class Sender:
             self._current.extend((b, esi) for esi in range(k + r))
             self._next_esi[b] = k + r if k + r < N_MAX else k
         if self._current:
-            out = []
+            out: list[bytes] = []
             while self._current and len(out) < limit:
                 b, esi = self._current.popleft()
                 if esi < self.layout.block_k(b):
