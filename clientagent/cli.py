@@ -100,6 +100,43 @@ def output_options(args: argparse.Namespace) -> dict[str, Any]:
             "spool_memory": int(args.spool_memory * 2**20), "spool_dir": args.spool_dir}
 
 
+def add_key_arguments(p: argparse.ArgumentParser, role: str) -> None:
+    """``--key``/``--key-file``: a pre-shared key for standalone transfers (sealed, encrypted packets)."""
+    g = p.add_argument_group("encryption (standalone)")
+    g.add_argument("--key", default=None, metavar="HEX",
+                   help=f"pre-shared key, at least 32 hex digits: {role} only packets sealed with keys derived from "
+                   "it (ChaCha20-Poly1305; forged or damaged packets are dropped and counted)")
+    g.add_argument("--key-file", default=None, metavar="PATH",
+                   help="read the pre-shared key from a file (raw bytes, >= 16, or hex text); prefer this to --key, "
+                   "which other local users can see in the process list")
+
+
+def load_shared_key(args: argparse.Namespace) -> bytes | None:
+    """The pre-shared key from ``--key``/``--key-file``, or None; ValueError with a one-line reason."""
+    if args.key and args.key_file:
+        raise ValueError("give --key or --key-file, not both")
+    raw: bytes | None = None
+    if args.key:
+        try:
+            raw = bytes.fromhex(args.key)
+        except ValueError:
+            raise ValueError("--key must be hex digits") from None
+    elif args.key_file:
+        try:
+            with open(args.key_file, "rb") as fh:
+                data = fh.read(4096)
+        except OSError as exc:
+            raise ValueError(f"cannot read --key-file: {exc.strerror}") from None
+        try:
+            text = data.decode("ascii").strip()
+            raw = bytes.fromhex(text) if text and len(text) % 2 == 0 else data
+        except (UnicodeDecodeError, ValueError):
+            raw = data
+    if raw is not None and len(raw) < 16:
+        raise ValueError("the pre-shared key needs at least 16 bytes (32 hex digits)")
+    return raw
+
+
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """Options every receiving command has (also used by ``mcdeploy receive``)."""
     p.add_argument("--idle-timeout", type=float, default=30.0,

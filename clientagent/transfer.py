@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import selectors
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from clientagent.impair import Impairment
 from clientagent.journal import Committer, Journal, JournalError
 from clientagent.net import format_hostport, host_of, interface_towards, open_control_socket, open_data_socket
 from clientagent.output import SPOOL_MEMORY, FileOutput, OutputError, PipeOutput, classify
-from mcproto import codec, packets
+from mcproto import codec, packets, seal
 from mcproto.errors import MessageError, PacketError
 from mcproto.events import Acknowledged, GaveUp, Moved, TransferComplete
 from mcproto.fec import Layout
@@ -67,6 +68,7 @@ class ClientOptions:
     # towards the DP for data, the kernel's choice for discovery.
     interface: str | None = None
     agent: str = "mcdeploy-client/0.1"
+    shared_key: bytes | None = None  # standalone: packets sealed under keys derived from it
     # Outputs and resume (see clientagent.output and clientagent.journal).
     journal: str | None = None  # journal file, or a directory for it; None: beside a regular-file output
     resume: bool = True  # keep a journal and resume from a matching one; False: always start fresh
@@ -163,14 +165,15 @@ def join_session(opts: ClientOptions, sock, dp_addr) -> Offer | ClientResultInfo
 
 
 def discover(group: str, port: int, interface: str | None = None, wait: float = 30.0,
-             deployment: str | None = None) -> Discovery | None:
+             deployment: str | None = None, shared_key: bytes | None = None) -> Discovery | None:
     """Wait up to ``wait`` seconds for an ANNOUNCE on ``group:port``; None if none came.
 
     Every other packet on the group (data, heartbeats, garbage) is skipped; an announce that
     fails to parse or decode (only ``Announce`` is accepted) is ignored, so a stray sender cannot
     crash us, only fail to be found.  An empty ``control_host`` means the packet's source address
-    (kept with its IPv6 scope).  ``deployment``: skip announces of other deployments.  Raises
-    OSError/ValueError if the group cannot be joined on ``interface``.
+    (kept with its IPv6 scope).  ``deployment``: skip announces of other deployments.  With a
+    ``shared_key`` only sealed announces that authenticate under that session's derived key count.
+    Raises OSError/ValueError if the group cannot be joined on ``interface``.
     """
     sock = open_data_socket(group, port, interface)
     sel = selectors.DefaultSelector()
@@ -188,12 +191,17 @@ def discover(group: str, port: int, interface: str | None = None, wait: float = 
                 except OSError:
                     break
                 try:
-                    kind, session, _, _, plen = packets.parse_header(data)
+                    if shared_key is not None:
+                        session = seal.HEADER.unpack_from(data)[6] if len(data) >= seal.HEADER_SIZE else 0
+                        opener = seal.PacketOpener(seal.session_key(shared_key, session), session)
+                        kind, _, _, body = opener.open(data)
+                    else:
+                        kind, session, _, _, plen = packets.parse_header(data)
+                        body = data[packets.HEADER_SIZE:packets.HEADER_SIZE + plen]
                     if kind != packets.KIND_ANNOUNCE:
                         continue
-                    body = data[packets.HEADER_SIZE:packets.HEADER_SIZE + plen]
                     msg: Announce = codec.decode(body, allowed=(Announce,))
-                except (PacketError, MessageError):
+                except (PacketError, MessageError, struct.error):
                     continue
                 if msg.session_id != session or (deployment and msg.deployment != deployment):
                     continue
@@ -239,7 +247,7 @@ def _discover(opts: ClientOptions) -> ClientOptions | ClientResultInfo:
     where = format_hostport(group, port) + (f" via {opts.interface}" if opts.interface else "")
     started = time.monotonic()
     try:
-        found = discover(group, port, opts.interface, opts.wait_s, opts.deployment)
+        found = discover(group, port, opts.interface, opts.wait_s, opts.deployment, opts.shared_key)
     except ValueError as exc:
         return ClientResultInfo(EXIT_USAGE, f"cannot listen on {where}: {exc}")
     except OSError as exc:
@@ -355,7 +363,9 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
         return info
     output, journal = opened.output, opened.journal
     committer = Committer(output, journal, interval=opts.commit_interval_s) if journal is not None else None
-    receiver = Receiver(offer, opts.client_id, started, idle_timeout=opts.idle_timeout_s, done_blocks=opened.done)
+    key = seal.session_key(opts.shared_key, offer.session_id) if opts.shared_key else None
+    receiver = Receiver(offer, opts.client_id, started, idle_timeout=opts.idle_timeout_s, done_blocks=opened.done,
+                        key=key)
     block_bytes = receiver.layout.block_bytes
     received = 0  # blocks completed by this run (a resumed run: only those the journal did not have)
     committing = committer is not None  # until the transfer is complete; then the verifier commits the rest

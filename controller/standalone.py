@@ -36,10 +36,12 @@ from typing import Any
 
 from clientagent.cli import (
     add_common_arguments,
+    add_key_arguments,
     add_output_arguments,
     check_common,
     check_output,
     default_client_id,
+    load_shared_key,
     output_options,
     run,
 )
@@ -49,7 +51,7 @@ from controller.cli import parse_time
 from dpagent.host import SessionHost
 from dpagent.session import SessionRunner
 from dpagent.staging import file_sha256
-from mcproto import codec
+from mcproto import codec, seal
 from mcproto.errors import ConfigError
 from mcproto.messages import Announce, ClientResult, ImageRef, Message, SessionJob, SessionReport
 from mcproto.sender import StartPolicy
@@ -113,6 +115,7 @@ Defaults stay on this machine, matching `mcdeploy send`: group {DEFAULT_GROUP}, 
 def add_send_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``mcdeploy send`` (each documented in ``--help``)."""
     p.add_argument("file", help="the file (or block device) to send")
+    add_key_arguments(p, "send")
     p.add_argument("--group", default=DEFAULT_GROUP,
                    help=f"multicast group, IPv4 or IPv6 (e.g. ff15::78:1) (default {DEFAULT_GROUP})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
@@ -138,8 +141,9 @@ def add_send_arguments(p: argparse.ArgumentParser) -> None:
                    help="start at TIME, ISO 8601 local time or Unix seconds (if a receiver joined by then)")
     p.add_argument("--block-symbols", type=int, default=128, metavar="K",
                    help="source symbols per Reed-Solomon block, 1..255 (default 128)")
-    p.add_argument("--symbol-size", type=int, default=1400, metavar="B",
-                   help="payload bytes per packet, 256..8900 (default 1400: fits a 1,500-byte MTU)")
+    p.add_argument("--symbol-size", type=int, default=None, metavar="B",
+                   help="payload bytes per packet, 256..8900 (default 1400, or 1392 with a key: fits a 1,500-byte "
+                   "MTU either way)")
     p.add_argument("--deployment", default=None, metavar="NAME",
                    help="session name receivers see and may filter on (default: the file's name)")
     p.add_argument("--exit-when-done", action="store_true",
@@ -169,6 +173,7 @@ def add_receive_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for the sender's announce and for joining it (default 120)")
     add_common_arguments(p)
     add_output_arguments(p)
+    add_key_arguments(p, "accept")
 
 
 # --------------------------------------------------------------------------- send
@@ -216,13 +221,13 @@ class StandaloneRunner(SessionRunner):
 
     def __init__(self, job: SessionJob, settings: DPSettings, reply: Callable[[Message, object], None],
                  relay: LocalRelay, *, start_clients: int, start_delay: float | None, start_at: float | None,
-                 join_window: float, announce: bytes,
+                 join_window: float, announce: bytes, key: bytes | None = None,
                  progress: Callable[[dict[str, Any]], None] | None = None) -> None:
         super().__init__(job, settings, reply, relay, progress)
         at = None if start_at is None else self.opened_at + (start_at - time.time())
         self.config = dataclasses.replace(
             self.config, start=StartPolicy(clients=start_clients, delay=start_delay, at=at),
-            expected_clients=start_clients, join_window=join_window, announce=announce)
+            expected_clients=start_clients, join_window=join_window, announce=announce, key=key)
         self.sender = self._make_sender()
 
 
@@ -346,6 +351,12 @@ def _setup_logging(quiet: bool) -> None:
 def run_send(args: argparse.Namespace) -> int:
     """``mcdeploy send``: serve one session of ``args.file``; the exit status of the summary."""
     prog = "mcdeploy send"
+    try:
+        shared_key = load_shared_key(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.symbol_size is None:
+        args.symbol_size = 1392 if shared_key else 1400
     _check_send(args)
     path = os.path.abspath(args.file)
     try:
@@ -382,12 +393,16 @@ def run_send(args: argparse.Namespace) -> int:
         runner = StandaloneRunner(
             job, settings, host.reply, relay, start_clients=args.min_receivers, start_delay=args.start_delay,
             start_at=args.start_at, join_window=0.0 if args.exit_when_done else JOIN_WINDOW_S,
-            announce=announce, progress=_progress_printer(prog, size) if tty else None)
+            announce=announce, key=seal.session_key(shared_key, session_id) if shared_key else None,
+            progress=_progress_printer(prog, size) if tty else None)
     except BaseException:
         host.stop()
         raise
     _setup_logging(args.quiet)
     if not args.quiet:
+        if not shared_key:
+            print(f"{prog}: NOTE: packets are not encrypted or authenticated (CRC-32 only); give --key-file "
+                  "to seal them", file=sys.stderr)
         print(f"{prog}: {args.file}: {size} bytes, sha256 {sha256[:16]}…; group "
               f"{format_hostport(args.group, args.port)} via {args.interface} ttl {args.ttl}, "
               f"control {format_hostport(host.address[0], host.address[1])}; {_start_text(args)}",
@@ -482,6 +497,12 @@ def run_receive(args: argparse.Namespace) -> int:
     """``mcdeploy receive``: the client agent's receive, finding the sender by announce unless --from."""
     prog = "mcdeploy receive"
     problem = check_common(args) or check_output(args)
+    shared_key = None
+    if problem is None:
+        try:
+            shared_key = load_shared_key(args)
+        except ValueError as exc:
+            problem = str(exc)
     dp = None
     if problem is None and args.source:
         try:
@@ -505,5 +526,5 @@ def run_receive(args: argparse.Namespace) -> int:
         wait_s=args.wait, idle_timeout_s=args.idle_timeout, test_loss=args.test_loss / 100.0,
         test_impair=args.test_impair, seed=args.test_seed,
         discover=None if dp else (args.group, args.port), interface=interface, agent="mcdeploy-receive/0.1",
-        **output_options(args))
+        shared_key=shared_key, **output_options(args))
     return run(opts, prog, json_out=args.json, quiet=args.quiet)

@@ -33,6 +33,7 @@ from mcproto.errors import PacketError
 from mcproto.events import Acknowledged, GaveUp, Moved, ReceiverEvent, TransferComplete
 from mcproto.fec import Codec, Layout
 from mcproto.messages import MAX_RANGES_PER_STATUS, Ack, Done, Drop, Failed, Message, Offer, Status
+from mcproto.seal import PacketOpener
 
 RECEIVING = "RECEIVING"
 COMPLETE = "COMPLETE"
@@ -54,11 +55,14 @@ class Receiver:
         keepalive_interval: float = 0.5,
         idle_timeout: float = 30.0,
         report_timeout: float = 30.0,
+        key: bytes | None = None,
         done_blocks: Iterable[int] = (),
     ) -> None:
         self.offer = offer
         self.client_id = client_id
         self.session_id = offer.session_id
+        # With a session key every packet must authenticate (format v2); forgeries are PacketErrors.
+        self._opener = PacketOpener(key, offer.session_id) if key else None
         self.layout = Layout(offer.image_size, offer.symbol_size, offer.block_symbols)
         self.blocks = self.layout.blocks
         self._ss = offer.symbol_size
@@ -114,10 +118,14 @@ class Receiver:
         Raises :class:`PacketError` for packets that are malformed or not ours;
         the adapter counts them and carries on.
         """
-        kind, session, block, esi, plen = packets.parse_header(data)
-        if session != self.session_id:
-            raise PacketError("packet of another session")
-        body = memoryview(data)[packets.HEADER_SIZE:packets.HEADER_SIZE + plen]
+        if self._opener is not None:
+            kind, block, esi, payload = self._opener.open(data)  # authenticates; only our session
+            session, plen, body = self.session_id, len(payload), memoryview(payload)
+        else:
+            kind, session, block, esi, plen = packets.parse_header(data)
+            if session != self.session_id:
+                raise PacketError("packet of another session")
+            body = memoryview(data)[packets.HEADER_SIZE:packets.HEADER_SIZE + plen]
         if kind == packets.KIND_ANNOUNCE:
             return None  # for finding the session; a joined receiver has no use for it
         if kind == packets.KIND_HEARTBEAT:

@@ -1,8 +1,9 @@
 """Authenticated, encrypted data packets (packet format version 2): the building block for issue 4.
 
-Pure: computation only (``cryptography``'s ChaCha20-Poly1305; no clock, no sockets).  Not yet
-used by the sender/receiver, which still speak version 1 (CRC-32); they switch to this format
-when the per-session key reaches clients over the session plane.
+Pure: computation only (``cryptography``'s ChaCha20-Poly1305; no clock, no sockets).  The
+sender and receiver use it when a session has a key (standalone send/receive with a shared key
+today; DP sessions once the per-session key reaches clients over the session plane); without a
+key they speak version 1 (CRC-32 against accidents only).
 
 Why ChaCha20-Poly1305: constant-time and fast everywhere, including WinPE machines and VMs that
 do not expose AES-NI.  Nonces never repeat for a key: a nonce is (epoch, counter) where the
@@ -33,6 +34,7 @@ VERSION = 2
 HEADER = struct.Struct("!2sBBBBHQIIIQ")
 HEADER_SIZE = HEADER.size  # 40
 TAG_LEN = 16
+OVERHEAD = HEADER_SIZE + TAG_LEN  # 56: symbols of 1,392 bytes keep an IPv6 datagram within a 1,500-byte MTU
 KEY_LEN = 32
 
 
@@ -62,12 +64,14 @@ class PacketSealer:
 class PacketOpener:
     """Opens packets of one session key; everything that does not authenticate is a PacketError."""
 
-    def __init__(self, key: bytes, session_id: int) -> None:
+    def __init__(self, key: bytes, session_id: int | None) -> None:
+        """``session_id`` None accepts any session (discovery, where the announce names it)."""
         if len(key) != KEY_LEN:
             raise ValueError("session keys are 32 bytes")
         self._aead = ChaCha20Poly1305(key)
         self.session_id = session_id
         self.rejected = 0
+        self.last_session = 0
 
     def open(self, data: bytes | bytearray | memoryview) -> tuple[int, int, int, bytes]:
         """(kind, block, symbol, payload) of an authentic packet of our session."""
@@ -82,7 +86,7 @@ class PacketOpener:
                 raise PacketError("unknown packet kind")
             if HEADER_SIZE + plen + TAG_LEN != len(data):
                 raise PacketError("length mismatch")
-            if session != self.session_id:
+            if self.session_id is not None and session != self.session_id:
                 raise PacketError("packet of another session")
             view = memoryview(data)
             header = bytes(view[:HEADER_SIZE])
@@ -90,7 +94,23 @@ class PacketOpener:
                 payload = self._aead.decrypt(struct.pack("!IQ", epoch, counter), bytes(view[HEADER_SIZE:]), header)
             except InvalidTag:
                 raise PacketError("authentication failed") from None
+            self.last_session = session
             return kind, block, symbol, payload
         except PacketError:
             self.rejected += 1
             raise
+
+
+def session_key(shared_key: bytes, session_id: int) -> bytes:
+    """The key of one session derived from a pre-shared key (standalone send/receive).
+
+    Every session gets its own key (HKDF-SHA256 over its random 64-bit id), so nonces (epoch,
+    counter) restarting at zero in a new session never meet an old key.
+    """
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    if len(shared_key) < 16:
+        raise ValueError("a shared key needs at least 16 bytes")
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=session_id.to_bytes(8, "big"),
+                info=b"mcdeploy packet key v2").derive(shared_key)

@@ -44,6 +44,7 @@ from mcproto.events import (
 from mcproto.fec import N_MAX, Codec, Layout, split_block
 from mcproto.messages import Ack, Done, Drop, Failed, Join, Message, NoSession, Offer, Status
 from mcproto.policy import RatePolicy, StartPolicy
+from mcproto.seal import PacketSealer
 
 WAITING = "WAITING"
 TRANSFERRING = "TRANSFERRING"
@@ -75,6 +76,8 @@ class SenderConfig:
     inflight_window: float = 0.02  # repairs younger than this (~2 RTT + queueing) may not have reached a reporter
     heartbeat_interval: float = 0.2
     announce: bytes = b""  # an encoded Announce to repeat on the group (empty: none)
+    key: bytes | None = None  # session key: packets are sealed (format v2, ChaCha20-Poly1305); None: v1 CRC
+    epoch: int = 0  # nonce epoch of this sender instance: unique per key (the lease's fencing number)
     announce_interval: float = 0.5
     client_timeout: float = 15.0
     deadline: float = 4 * 3600.0
@@ -114,6 +117,7 @@ class Sender:
         self.layout = config.layout
         self._read = read
         self._codec = Codec()
+        self._sealer = PacketSealer(config.key, config.epoch) if config.key else None
         self.state = WAITING
         self.opened_at = now
         self.started_at: float | None = None
@@ -242,7 +246,8 @@ class Sender:
             out.append(self._heartbeat())
         if cfg.announce and now >= self._next_announce:
             self._next_announce = now + cfg.announce_interval
-            out.append(packets.encode_announce(cfg.session_id, cfg.announce))
+            out.append(self._seal(packets.KIND_ANNOUNCE, 0, 0, cfg.announce) if self._sealer
+                       else packets.encode_announce(cfg.session_id, cfg.announce))
         for pkt in out:
             self.bytes_sent += len(pkt)
         return out
@@ -569,7 +574,13 @@ class Sender:
         return syms
 
     def _packet(self, block: int, esi: int, payload: bytes) -> bytes:
+        if self._sealer:
+            return self._seal(packets.KIND_DATA, block, esi, payload)
         return packets.encode_data(self.config.session_id, block, esi, payload)
+
+    def _seal(self, kind: int, block: int, esi: int, payload: bytes) -> bytes:
+        assert self._sealer is not None
+        return self._sealer.seal(kind, self.config.session_id, block, esi, payload)
 
     def _heartbeat(self) -> bytes:
         flags = 0
@@ -578,8 +589,11 @@ class Sender:
         if self.state == FINISHED:
             flags |= packets.HB_FINISHED
         sent_through = self._cursor - (1 if self._current else 0)
-        return packets.encode_heartbeat(self.config.session_id, self._nblocks, sent_through, flags,
-                                        round(self.feedback_interval * 1000))
+        feedback_ms = round(self.feedback_interval * 1000)
+        if self._sealer:
+            return self._seal(packets.KIND_HEARTBEAT, 0, 0,
+                              packets.HEARTBEAT_BODY.pack(self._nblocks, sent_through, flags, min(65535, feedback_ms)))
+        return packets.encode_heartbeat(self.config.session_id, self._nblocks, sent_through, flags, feedback_ms)
 
     @property
     def feedback_interval(self) -> float:

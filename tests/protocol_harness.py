@@ -37,6 +37,7 @@ class VirtualClient:
     buffer: int = 256 * 1024  # its socket buffer: arrivals beyond it are lost
     group: tuple[str, int] = ("", 0)
     moves: int = 0
+    rejected: int = 0
     _queue: float = 0.0
     _drained_at: float = 0.0
 
@@ -58,6 +59,7 @@ class VirtualClient:
 def run_session(image: bytes, clients: list[VirtualClient], *, seed: int = 1, step: float = 0.001,
                 max_time: float = 120.0, config: dict | None = None,
                 start: StartPolicy | None = None, tiers: list[tuple[str, int, float]] | None = None,
+                key: bytes | None = None, forge: Callable[[bytes], bytes] | None = None,
                 ) -> tuple[Sender, float]:
     """Drive one session to its end on a virtual clock; returns the sender (or tiered session) and the end time.
 
@@ -67,7 +69,7 @@ def run_session(image: bytes, clients: list[VirtualClient], *, seed: int = 1, st
     now = 0.0
     cfg = SenderConfig(session_id=7, deployment="dep-1", group="239.255.0.1", port=5000,
                        image_size=len(image), image_sha256=hashlib.sha256(image).hexdigest(),
-                       start=start or StartPolicy(), **(config or {}))
+                       start=start or StartPolicy(), key=key, **(config or {}))
     def read(off: int, n: int) -> bytes:
         return image[off:off + n]
 
@@ -85,12 +87,15 @@ def run_session(image: bytes, clients: list[VirtualClient], *, seed: int = 1, st
             c = by_id[addr]  # type: ignore[index]
             wire = codec.decode(codec.encode(msg))
             if isinstance(wire, Offer) and c.receiver is None:
-                c.receiver = Receiver(wire, c.client_id, now)
+                c.receiver = Receiver(wire, c.client_id, now, key=key)
                 c.group = (wire.group, wire.port)
             elif c.receiver is not None:
                 c.receiver.handle_message(wire, now)
         sender.handle_timer(now)
-        for pkt, dest in sender.addressed_datagrams(now, max_datagrams=256):
+        sent = sender.addressed_datagrams(now, max_datagrams=256)
+        if forge is not None:  # an attacker on the group adds a forged packet for every real one
+            sent = [x for pkt, dest in sent for x in ((pkt, dest), (forge(pkt), dest))]
+        for pkt, dest in sent:
             for c in clients:
                 r = c.receiver
                 if r is None or r.done or c.group != dest:
@@ -101,6 +106,7 @@ def run_session(image: bytes, clients: list[VirtualClient], *, seed: int = 1, st
                 try:
                     w = r.receive_datagram(pkt, now)
                 except PacketError:
+                    c.rejected += 1
                     continue
                 if w is not None:
                     off, data = w

@@ -245,3 +245,46 @@ def test_a_waiting_session_without_clients_never_asks_for_a_timer_in_the_past() 
         s.handle_timer(now)
         s.datagrams_to_send(now)
         assert s.get_timer() > now
+
+
+
+def test_sealed_session_is_bit_exact_and_no_forged_packet_gets_in() -> None:
+    """With a session key every packet is sealed; a forger on the group (one fake per real packet) gets nothing in."""
+    key = os.urandom(32)
+    rng = __import__("random").Random(3)
+
+    def forge(pkt: bytes) -> bytes:
+        b = bytearray(pkt)
+        how = rng.randrange(3)
+        if how == 0:
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)  # bit flip
+        elif how == 1:
+            b[40:-16] = os.urandom(len(b) - 56)  # new payload, old tag
+        else:
+            return bytes(b[:rng.randrange(len(b))])  # truncated
+        return bytes(b)
+
+    clients = [VirtualClient(f"pc{i}", 0.02) for i in range(3)]
+    sender, _ = run_session(IMAGE, clients, config={"expected_clients": 3, "max_rate": 100e6, "symbol_size": 1392},
+                            key=key, forge=forge)
+    assert all(c.outcome == "done" and bytes(c.out) == IMAGE for c in clients)
+    assert all(c.rejected > 1000 for c in clients)
+    # On the wire the payload is not the image.
+    pkt = sender._packet(0, 0, sender._source(0)[0])
+    assert IMAGE[:1392] not in pkt
+
+
+def test_a_receiver_with_the_wrong_key_accepts_nothing() -> None:
+    clients = [VirtualClient("good", 0.0)]
+    sender, _ = run_session(IMAGE[:300_000], clients, config={"expected_clients": 1, "symbol_size": 1392},
+                            key=os.urandom(32))
+    assert clients[0].outcome == "done"
+    from mcproto.messages import Offer
+    from mcproto.receiver import Receiver
+
+    offer = Offer(session_id=7, deployment="dep-1", group="g", port=1, image_size=300_000,
+                  image_sha256="0" * 64, symbol_size=1392, block_symbols=128)
+    wrong = Receiver(offer, "eve", 0.0, key=os.urandom(32))
+    pkt = sender._packet(0, 0, sender._source(0)[0])
+    with pytest.raises(PacketError, match="authentication"):
+        wrong.receive_datagram(pkt, 0.0)
