@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import uuid
 from typing import Any
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="output: a file, a block device, or - for stdout (in order, for piping into an apply "
                    "command; then --json goes to stderr)")
+    p.add_argument("--dp-key", default=None, metavar="FINGERPRINT",
+                   help="the DP identity to trust (64 hex digits, shown by `mcdeploy dp list`; put it on the boot "
+                   "media): offers not signed by it are refused")
     p.add_argument("--interface", default=None,
                    help="where to join multicast groups: an IPv4 address, or for IPv6 an interface name, "
                    "index or address (default: the interface towards the DP; for --discover the system's "
@@ -181,6 +185,7 @@ def result_dict(opts: ClientOptions, result: ClientResultInfo) -> dict[str, Any]
         "transfer_seconds": round(result.transfer_seconds, 3),
         "packets": result.packets, "duplicates": result.duplicates, "rejected": result.rejected,
         "test_dropped": result.test_dropped, "deployment": result.deployment, "moves": result.moves,
+        "encrypted": result.encrypted,
         **result.extra,
     }
 
@@ -234,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     problem = check_common(args) or check_output(args)
+    if problem is None and args.dp_key is not None and not re.fullmatch(r"(sha256:)?[0-9a-fA-F]{64}", args.dp_key):
+        problem = "--dp-key must be the DP's 64-hex-digit fingerprint"
     if group is not None and problem is None and not is_multicast(group[0]):
         problem = f"--discover: {group[0]} is not a multicast group address"
     if problem:
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ClientOptions(dp=dp, out=args.out, client_id=args.client_id or default_client_id(),
                          deployment=args.deployment, wait_s=args.wait, idle_timeout_s=args.idle_timeout,
                          test_loss=args.test_loss / 100.0, test_impair=args.test_impair, seed=args.test_seed,
-                         discover=group,
+                         discover=group, dp_key=args.dp_key,
                          interface=args.interface, **output_options(args))
     return run(opts, prog, json_out=args.json, quiet=args.quiet)
 

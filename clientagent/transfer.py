@@ -28,12 +28,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from clientagent import journal as journal_mod
 from clientagent.impair import Impairment
 from clientagent.journal import Committer, Journal, JournalError
 from clientagent.net import format_hostport, host_of, interface_towards, open_control_socket, open_data_socket
 from clientagent.output import SPOOL_MEMORY, FileOutput, OutputError, PipeOutput, classify
-from mcproto import codec, packets, seal
+from mcproto import codec, keyexchange, packets, seal
 from mcproto.errors import MessageError, PacketError
 from mcproto.events import Acknowledged, GaveUp, Moved, TransferComplete
 from mcproto.fec import Layout
@@ -69,6 +71,7 @@ class ClientOptions:
     interface: str | None = None
     agent: str = "mcdeploy-client/0.1"
     shared_key: bytes | None = None  # standalone: packets sealed under keys derived from it
+    dp_key: str | None = None  # pinned fingerprint of the DP's identity (SHA-256 of its public key, hex)
     # Outputs and resume (see clientagent.output and clientagent.journal).
     journal: str | None = None  # journal file, or a directory for it; None: beside a regular-file output
     resume: bool = True  # keep a journal and resume from a matching one; False: always start fresh
@@ -109,6 +112,7 @@ class ClientResultInfo:
     rejected: int = 0
     test_dropped: int = 0
     moves: int = 0
+    encrypted: bool = False
     deployment: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -117,10 +121,12 @@ Progress = Callable[[int, int], None]
 Notice = Callable[[str], None]
 
 
-def join_session(opts: ClientOptions, sock, dp_addr) -> Offer | ClientResultInfo:  # type: ignore[no-untyped-def]
+def join_session(opts: ClientOptions, sock, dp_addr,  # type: ignore[no-untyped-def]
+                 client_key: str | None = None) -> Offer | ClientResultInfo:
     """Ask the DP for a session until offered one, told no, or ``wait_s`` passes."""
     assert opts.dp is not None
-    join = codec.encode(Join(client_id=opts.client_id, deployment=opts.deployment, agent=opts.agent[:64]))
+    join = codec.encode(Join(client_id=opts.client_id, deployment=opts.deployment, agent=opts.agent[:64],
+                             client_key=client_key))
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
     deadline = time.monotonic() + opts.wait_s
@@ -230,11 +236,30 @@ def receive(opts: ClientOptions, progress: Progress | None = None, notice: Notic
         ctrl, dp_addr = open_control_socket(opts.dp)
     except OSError as exc:
         return ClientResultInfo(EXIT_USAGE, f"cannot resolve DP {opts.dp[0]}: {exc}")
+    say = notice or _silent
+    # A fresh X25519 key per receive: the DP wraps the session key to it (see mcproto.keyexchange).
+    client_secret = X25519PrivateKey.generate()
+    client_key = keyexchange.raw_public(client_secret.public_key()).hex()
     try:
-        offer = join_session(opts, ctrl, dp_addr)
+        offer = join_session(opts, ctrl, dp_addr, client_key)
         if isinstance(offer, ClientResultInfo):
             return offer
-        return _run(opts, offer, ctrl, dp_addr, progress, notice or _silent)
+        session_key: bytes | None = None
+        if offer.encrypted:
+            try:
+                keyexchange.check_offer(offer, opts.dp_key)
+                if offer.eph_key is None or offer.key_box is None:
+                    raise keyexchange.KeyExchangeError("the encrypted offer carries no key")
+                session_key = keyexchange.unwrap(client_secret, offer.eph_key, offer.key_box, offer.session_id,
+                                                 opts.client_id)
+            except keyexchange.KeyExchangeError as exc:
+                return ClientResultInfo(EXIT_NO_SESSION, f"refused the DP's offer: {exc}")
+            if not opts.dp_key:
+                say("the DP's identity is not pinned (--dp-key): trusting whoever signed this offer")
+        elif opts.dp_key:
+            return ClientResultInfo(EXIT_NO_SESSION, "refused the DP's offer: --dp-key was given but the session "
+                                    "is not encrypted and signed")
+        return _run(opts, offer, ctrl, dp_addr, progress, say, session_key)
     finally:
         ctrl.close()
 
@@ -340,7 +365,7 @@ def _unusable(found: journal_mod.Contents, ident: dict, output: FileOutput, size
 
 
 def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | None,  # type: ignore[no-untyped-def]
-         say: Notice) -> ClientResultInfo:
+         say: Notice, session_key: bytes | None = None) -> ClientResultInfo:
     impair = opts.impairment()
     started = first_data = time.monotonic()
     got_data = False
@@ -363,7 +388,8 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
         return info
     output, journal = opened.output, opened.journal
     committer = Committer(output, journal, interval=opts.commit_interval_s) if journal is not None else None
-    key = seal.session_key(opts.shared_key, offer.session_id) if opts.shared_key else None
+    key = session_key or (seal.session_key(opts.shared_key, offer.session_id) if opts.shared_key else None)
+    info.encrypted = key is not None
     receiver = Receiver(offer, opts.client_id, started, idle_timeout=opts.idle_timeout_s, done_blocks=opened.done,
                         key=key)
     block_bytes = receiver.layout.block_bytes

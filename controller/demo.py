@@ -95,7 +95,7 @@ def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: st
     state = State.from_url(redis.url)
     logdir = os.path.join(opts.keep or workdir, "logs")
     os.makedirs(logdir, exist_ok=True)
-    env = site_env(redis.url)
+    env = site_env(redis.url, MCDEPLOY_DP_KEY_FILE=os.path.join(workdir, "dp-identity.key"))
     port = free_udp_port()
     ctl_log = open(os.path.join(logdir, "controller.log"), "wb")  # noqa: SIM115
     dp_log = open(os.path.join(logdir, "dp.log"), "wb")  # noqa: SIM115
@@ -121,6 +121,7 @@ def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: st
             raise ConfigError("the DP agent did not start; its log:\n" + _tail(os.path.join(logdir, "dp.log")))
         time.sleep(0.1)
 
+    dp_fingerprint = (state.get_dp("demo-dp") or {}).get("key_fingerprint", "")
     t0 = time.monotonic()
     dep_id, job, _ = api.deploy(state, app, DeployRequest(
         image="demo-image", dp="demo-dp", clients=opts.clients, start_timeout_s=30.0,
@@ -131,7 +132,8 @@ def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: st
     for i in range(opts.clients):
         cid = f"demo-pc{i + 1}"
         path = os.path.join(outdir, f"{cid}.img")
-        args = ["--dp", f"127.0.0.1:{port}", "--out", path, "--id", cid, "--json", "--quiet", "--wait", "60"]
+        args = ["--dp", f"127.0.0.1:{port}", "--out", path, "--id", cid, "--json", "--quiet", "--wait", "60",
+                "--dp-key", dp_fingerprint]
         if opts.loss:
             args += ["--test-loss", str(opts.loss), "--test-seed", str(i + 1)]
         proc = procs.spawn(cid, python_module("clientagent", *args), env, stdout=subprocess.PIPE,
@@ -217,7 +219,10 @@ def _summarize(opts: DemoOptions, out: Console, err: Console, dep: dict[str, Any
         "aggregate_mb_per_s": round(size * verified / transfer_seconds / 1e6, 1) if transfer_seconds else 0.0,
         "loss_percent": opts.loss, "bytes_sent": bytes_sent,
         "wire_overhead": round(bytes_sent / size, 3) if size else 0.0,
-        "deployment": dep.get("id"), "state": dep.get("state"), **extra,
+        "deployment": dep.get("id"), "state": dep.get("state"),
+        "encrypted": bool(results) and all(r.get("encrypted") for r in results.values()),
+        "manifest_signed": False,  # per-chunk manifest checks are the next step of issue 4
+        "rejected_packets": sum(int(r.get("rejected", 0)) for r in results.values()), **extra,
     }
     ok = verified == acked == len(clients)
     err.print(f"{'[green]OK' if ok else '[red]FAILED'}[/]: {verified}/{len(clients)} verified, "

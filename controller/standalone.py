@@ -387,7 +387,7 @@ def run_send(args: argparse.Namespace) -> int:
         # model_construct: the standalone sender takes nothing from MCDEPLOY_DP_* or a site file.
         settings = DPSettings.model_construct(
             name=DP_NAME, control_host=control_host, control_port=host.address[1],
-            mcast_interface=args.interface, mcast_interface6=args.interface, mcast_ttl=args.ttl,
+            mcast_interface=args.interface, mcast_interface6=args.interface, mcast_ttl=args.ttl, encrypt=False,
             max_rate_mbps=args.rate,
             symbol_size=args.symbol_size, block_symbols=args.block_symbols)
         runner = StandaloneRunner(

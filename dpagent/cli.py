@@ -18,6 +18,8 @@ from dpagent import runtime
 from dpagent.host import SessionHost
 from dpagent.relay import Relay
 from mcproto.errors import McdeployError
+from mcproto.keyexchange import fingerprint
+from mcsite import identity as identity_key
 from mcsite.celeryapp import app, configure, dp_queue
 from mcsite.logs import setup_logging
 from mcsite.settings import DPSettings, SiteSettings
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         configure(app, url)
         state = State.from_url(url, site.key_prefix)
         state.ping()
+        identity = identity_key.load_or_create(settings.key_file or identity_key.default_key_path(settings.name))
         host = SessionHost(settings.name, settings.control_host, settings.control_port).start()
     except McdeployError as exc:
         print(f"mcdeploy-dp: error: {exc}", file=sys.stderr)
@@ -67,14 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcdeploy-dp: error: invalid setting: {exc}".splitlines()[0], file=sys.stderr)
         return 2
     relay = Relay(app, state)
-    runtime.install(runtime.Runtime(settings, host, relay, state))
+    runtime.install(runtime.Runtime(settings, host, relay, state, identity))
+    dp_fingerprint = fingerprint(identity.public_key())
     control = f"{settings.advertise_host or host.address[0]}:{host.address[1]}"
     stop = threading.Event()
 
     def heartbeat() -> None:
         info = {"name": settings.name, "control": control, "version": VERSION, "pid": os.getpid(),
                 "hostname": socket.gethostname(), "max_rate_mbps": settings.max_rate_mbps,
-                "mcast_interface": settings.mcast_interface, "concurrency": settings.concurrency}
+                "mcast_interface": settings.mcast_interface, "concurrency": settings.concurrency,
+                "key_fingerprint": dp_fingerprint, "encrypt": settings.encrypt}
         while True:
             try:
                 state.register_dp(settings.name, {**info, "sessions": host.active_sessions,
@@ -93,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         host.stop()
 
-    log.info("DP agent %s: queue %s, control port %s, multicast via %s ttl %d", settings.name,
-             dp_queue(settings.name), control, settings.mcast_interface, settings.mcast_ttl)
+    log.info("DP agent %s: queue %s, control port %s, multicast via %s ttl %d, identity %s%s", settings.name,
+             dp_queue(settings.name), control, settings.mcast_interface, settings.mcast_ttl, dp_fingerprint,
+             "" if settings.encrypt else " — ENCRYPTION OFF: sessions are sent in the clear")
     app.worker_main([
         "worker", "-Q", dp_queue(settings.name), "-n", f"dp-{settings.name}@%h", "--pool", "threads",
         "-c", str(settings.concurrency), "--loglevel", args.loglevel, "-E", "--without-gossip",

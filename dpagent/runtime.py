@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from dpagent.host import SessionHost
 from dpagent.relay import Relay
 from mcproto.errors import ConfigError
@@ -21,6 +23,7 @@ class Runtime:
     host: SessionHost
     relay: Relay
     state: State
+    identity: Ed25519PrivateKey | None = None
 
 
 _current: Runtime | None = None

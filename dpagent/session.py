@@ -11,18 +11,22 @@ out only after its result was handed to the relay, so an ``Ack`` means
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from clientagent.net import interface_index, is_ipv6
-from mcproto import codec
+from mcproto import codec, keyexchange
 from mcproto.errors import ConfigError
 from mcproto.events import ClientFinished, ClientJoined, ClientTooSlow, SessionFinished, TransferStarted
-from mcproto.messages import Announce, ClientResult, Message, SessionJob, SessionReport
+from mcproto.messages import Announce, ClientResult, Join, Message, NoSession, Offer, SessionJob, SessionReport
 from mcproto.sender import FINISHED, RatePolicy, Sender, SenderConfig, StartPolicy
 from mcproto.tiers import TieredSession
 from mcsite.settings import DPSettings
@@ -85,7 +89,8 @@ class SessionRunner:
 
     def __init__(self, job: SessionJob, settings: DPSettings, reply: Callable[[Message, object], None],
                  relay: Any, progress: Callable[[dict[str, Any]], None] | None = None,
-                 control: tuple[str, int] | None = None) -> None:
+                 control: tuple[str, int] | None = None, identity: Ed25519PrivateKey | None = None,
+                 epoch: int = 0) -> None:
         """``control``: the address clients reach the control port at; when given, the session is
         announced on its group so clients that know only the group (``--discover``) find it."""
         self.job = job
@@ -112,6 +117,13 @@ class SessionRunner:
                 session_id=job.session_id, deployment=job.deployment, control_host=control[0],
                 control_port=control[1], image_size=job.image.size)),
         )
+        self._identity = identity if settings.encrypt else None
+        if self._identity is not None:
+            # A fresh key per session; the epoch (the lease's fencing number) keeps nonces unique even if
+            # this session is re-dispatched to another sender with the same key.
+            self._session_key = os.urandom(32)
+            self.config = dataclasses.replace(self.config, key=self._session_key, epoch=epoch % 2**32,
+                                              offer_hook=self._complete_offer, seal_announce=False)
         self._file = open(job.image.path, "rb")  # noqa: SIM115 - closed in run()
         self.sender = self._make_sender()
         self._reply = reply
@@ -121,6 +133,15 @@ class SessionRunner:
         self._wake = threading.Event()
         self._abort_reason = ""
         self.send_errors = 0
+
+    def _complete_offer(self, offer: Offer, join: Join) -> Offer | NoSession:
+        """Wrap the session key to the joining client's key and sign the offer (called under the lock)."""
+        assert self._identity is not None
+        if join.client_key is None:
+            return NoSession(reason="this session is encrypted and the client sent no key: update the client agent")
+        eph, box = keyexchange.wrap(self._session_key, join.client_key, offer.session_id, join.client_id)
+        sealed = offer.model_copy(update={"encrypted": True, "eph_key": eph, "key_box": box})
+        return keyexchange.sign_offer(sealed, self._identity)
 
     def _make_sender(self) -> Sender | TieredSession:
         """One sender, or a tiered session when the deployment moves slow clients to slower streams."""

@@ -69,7 +69,7 @@ def open_session(self: Any, body: Any) -> dict[str, Any]:
         if advertised in ("0.0.0.0", "::"):
             advertised = ""  # clients take the announce's source address
         runner = SessionRunner(job, rt.settings, rt.host.reply, rt.relay, progress,
-                               control=(advertised, rt.host.address[1]))
+                               control=(advertised, rt.host.address[1]), identity=rt.identity, epoch=fence)
         rt.host.register(runner)
         report("waiting")
         log.info("session open deployment=%s session=%x group=%s:%d image=%s expected=%d",

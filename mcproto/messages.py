@@ -23,6 +23,7 @@ from mcproto import PROTOCOL_VERSION
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Reason = Annotated[str, StringConstraints(max_length=500)]
+Hex32 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 SessionId = Annotated[int, Field(ge=1, lt=2**64)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 # Blocks still short of symbols, as [first_block, block_count, symbols_needed_each]; lists,
@@ -66,6 +67,7 @@ class Join(Message):
     mac: Annotated[str, StringConstraints(max_length=64)] | None = None
     smbios_uuid: Annotated[str, StringConstraints(max_length=64)] | None = None
     agent: Annotated[str, StringConstraints(max_length=64)] = ""
+    client_key: Hex32 | None = None  # ephemeral X25519 public key: the session key is wrapped to it
 
 
 class Offer(Message):
@@ -82,6 +84,12 @@ class Offer(Message):
     block_symbols: Annotated[int, Field(ge=1, le=255)]
     fec: Literal["rs"] = "rs"
     feedback_interval_ms: Annotated[int, Field(ge=5, le=10_000)] = 50
+    # Sealed sessions: the session key wrapped to the client's key, and the DP's signature over the offer.
+    encrypted: bool = False
+    eph_key: Hex32 | None = None
+    key_box: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{96}$")] | None = None
+    dp_key: Hex32 | None = None
+    signature: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")] | None = None
 
 
 class NoSession(Message):

@@ -119,6 +119,8 @@ class Receiver:
         the adapter counts them and carries on.
         """
         if self._opener is not None:
+            if len(data) > 3 and data[2] == packets.PACKET_VERSION and data[3] == packets.KIND_ANNOUNCE:
+                return None  # a DP session's announce stays in the clear (it is for finding the session)
             kind, block, esi, payload = self._opener.open(data)  # authenticates; only our session
             session, plen, body = self.session_id, len(payload), memoryview(payload)
         else:

@@ -78,6 +78,11 @@ class SenderConfig:
     announce: bytes = b""  # an encoded Announce to repeat on the group (empty: none)
     key: bytes | None = None  # session key: packets are sealed (format v2, ChaCha20-Poly1305); None: v1 CRC
     epoch: int = 0  # nonce epoch of this sender instance: unique per key (the lease's fencing number)
+    # Announces sealed too (pre-shared keys: receivers hold the key) or in the clear (DP sessions: clients get
+    # the key only after joining, and the announce says nothing secret, just where to join).
+    seal_announce: bool = True
+    # Completes each client's Offer (wrapped session key, DP signature) or refuses with a NoSession.
+    offer_hook: Callable[[Offer, Join], Offer | NoSession] | None = None
     announce_interval: float = 0.5
     client_timeout: float = 15.0
     deadline: float = 4 * 3600.0
@@ -246,7 +251,7 @@ class Sender:
             out.append(self._heartbeat())
         if cfg.announce and now >= self._next_announce:
             self._next_announce = now + cfg.announce_interval
-            out.append(self._seal(packets.KIND_ANNOUNCE, 0, 0, cfg.announce) if self._sealer
+            out.append(self._seal(packets.KIND_ANNOUNCE, 0, 0, cfg.announce) if self._sealer and cfg.seal_announce
                        else packets.encode_announce(cfg.session_id, cfg.announce))
         for pkt in out:
             self.bytes_sent += len(pkt)
@@ -324,6 +329,16 @@ class Sender:
         if self.state == FINISHED:
             self._replies.append((NoSession(reason="the session has finished"), addr))
             return
+        plain = Offer(
+            session_id=cfg.session_id, deployment=cfg.deployment, group=cfg.group, port=cfg.port,
+            image_size=cfg.image_size, image_sha256=cfg.image_sha256, symbol_size=cfg.symbol_size,
+            block_symbols=cfg.block_symbols, feedback_interval_ms=max(5, int(cfg.feedback_interval * 1000)),
+        )
+        # The adapter adds the wrapped key and signature (or refuses the client).
+        offer = cfg.offer_hook(plain, msg) if cfg.offer_hook is not None else plain
+        if isinstance(offer, NoSession):
+            self._replies.append((offer, addr))
+            return
         client = self.clients.get(msg.client_id)
         if client is None:
             client = ClientRecord(msg.client_id, str(addr), now, now, addr=addr)
@@ -331,15 +346,7 @@ class Sender:
             self._events.append(ClientJoined(msg.client_id, str(addr)))
         client.last_seen = now
         client.addr = addr
-        self._replies.append((
-            Offer(
-                session_id=cfg.session_id, deployment=cfg.deployment, group=cfg.group, port=cfg.port,
-                image_size=cfg.image_size, image_sha256=cfg.image_sha256, symbol_size=cfg.symbol_size,
-                block_symbols=cfg.block_symbols,
-                feedback_interval_ms=max(5, int(cfg.feedback_interval * 1000)),
-            ),
-            addr,
-        ))
+        self._replies.append((offer, addr))
         self._check_progress(now)
 
     def _ack(self, client: ClientRecord, addr: object) -> None:

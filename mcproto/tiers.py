@@ -44,6 +44,7 @@ class TieredSession:
                           start=config.start if i == 0 else StartPolicy(clients=1))
             self.senders.append(Sender(cfg, read, now))
         self.tier_of: dict[str, int] = {}
+        self._joins: dict[str, Join] = {}
         self._events: deque[SenderEvent] = deque()
         self.finished_at: float | None = None
         self.finish_reason = ""
@@ -75,8 +76,10 @@ class TieredSession:
     def handle_message(self, msg: Message, addr: object, now: float) -> None:
         cid = getattr(msg, "client_id", "")
         tier = self.tier_of.get(cid, 0)
-        if isinstance(msg, Join) and cid not in self.tier_of:
-            self.tier_of[cid] = 0
+        if isinstance(msg, Join):
+            self._joins[cid] = msg  # replayed to the next tier on a move (it carries the client's key)
+            if cid not in self.tier_of:
+                self.tier_of[cid] = 0
         self.senders[tier].handle_message(msg, addr, now)
         self._collect(now)
 
@@ -165,4 +168,5 @@ class TieredSession:
         self.tier_of[client_id] = tier + 1
         self.moves += 1
         # Joining the next tier replies with that tier's Offer: the client switches groups.
-        self.senders[tier + 1].handle_message(Join(client_id=client_id), src.addr, now)
+        join = self._joins.get(client_id) or Join(client_id=client_id)
+        self.senders[tier + 1].handle_message(join.model_copy(update={"deployment": None}), src.addr, now)

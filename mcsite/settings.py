@@ -111,8 +111,12 @@ class DPSettings(_Component):
                                   "pick a real interface by itself.")
     mcast_ttl: int = Field(1, ge=0, le=255, description="Multicast TTL (IPv6 hop limit); 1 keeps it on the link.")
     max_rate_mbps: float = Field(400.0, gt=0, description="Ceiling of any session's send rate.")
-    symbol_size: int = Field(1400, ge=256, le=8900, description="Payload bytes per datagram; "
-                             "1,400 + 24-byte header fits a 1,500-byte MTU without fragmenting.")
+    symbol_size: int = Field(1392, ge=256, le=8900, description="Payload bytes per datagram; 1,392 + the "
+                             "56 bytes of a sealed packet + UDP + IPv6 fit a 1,500-byte MTU without fragmenting.")
+    encrypt: bool = Field(True, description="Seal every packet with a per-session key handed to each client "
+                          "(wrapped to its own key, offer signed by this DP's identity).")
+    key_file: str = Field("", description="This DP's Ed25519 identity key (created on first start); empty = "
+                          "$XDG_DATA_HOME/mcdeploy/dp-<name>.key. Clients pin its fingerprint.")
     block_symbols: int = Field(128, ge=1, le=255, description="Source symbols per Reed-Solomon block (k; "
                                "k + repairs <= 256). Larger k: less repair overhead, more CPU per block.")
     concurrency: int = Field(4, ge=1, le=64, description="Sessions this agent runs at once.")

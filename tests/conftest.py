@@ -73,7 +73,8 @@ def start_site(redis_server: EmbeddedRedis, tmp: Path, dp: str) -> Site:
     configure(app, redis_server.url)
     state = State.from_url(redis_server.url)
     port = free_udp_port()
-    env = site_env(redis_server.url, MCDEPLOY_DP_MAX_RATE_MBPS="800", MCDEPLOY_DP_HEARTBEAT_S="0.5")
+    env = site_env(redis_server.url, MCDEPLOY_DP_MAX_RATE_MBPS="800", MCDEPLOY_DP_HEARTBEAT_S="0.5",
+                   MCDEPLOY_DP_KEY_FILE=str(tmp / "dp.key"))
     procs = ProcessGroup()
     logdir = tmp / "logs"
     logdir.mkdir(parents=True, exist_ok=True)

@@ -158,3 +158,21 @@ def test_ipv6_groups_are_allocated_and_a_dp_without_an_ipv6_interface_refuses_cl
     dep = wait_for(lambda: (d := site.state.get_deployment(dep_id))["state"] == "failed" and d, timeout=30)
     assert dep, site.state.get_deployment(dep_id)
     assert "MCDEPLOY_DP_MCAST_INTERFACE6" in dep["reason"]
+
+
+def test_dp_sessions_are_sealed_and_clients_pin_the_dp_identity(site: Site, image_file: Path,
+                                                                tmp_path: Path) -> None:
+    fingerprint = site.state.get_dp(site.dp)["key_fingerprint"]
+    api.add_image(site.state, str(image_file), name="sealed-img")
+    dep_id, _, _ = api.deploy(site.state, app, DeployRequest(image="sealed-img", dp=site.dp, clients=2))
+    impostor = site.client("--out", str(tmp_path / "x"), "--id", "wary", "--deployment", dep_id,
+                           "--dp-key", "ab" * 32, "--wait", "10")
+    assert impostor.returncode == 3 and "not the pinned one" in impostor.stderr
+    good = [site.spawn_client("--out", str(tmp_path / f"s{i}"), "--id", f"sealed{i}", "--deployment", dep_id,
+                              "--dp-key", fingerprint, "--json", "--wait", "30") for i in range(2)]
+    for p in good:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["encrypted"] is True
+        assert "not pinned" not in err
+    assert all((tmp_path / f"s{i}").read_bytes() == image_file.read_bytes() for i in range(2))

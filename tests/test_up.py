@@ -21,6 +21,7 @@ def test_up_runs_a_site_that_later_commands_find_and_stops_cleanly(tmp_path: Pat
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCDEPLOY_")}
     env["MCDEPLOY_SITE_FILE"] = str(tmp_path / "site.json")
     env["MCDEPLOY_DP_HEARTBEAT_S"] = "0.5"
+    env["MCDEPLOY_DP_KEY_FILE"] = str(tmp_path / "dp.key")  # not the home directory
     port = free_udp_port()
     up = subprocess.Popen(python_module("controller", "up", "--dp-name", "up-dp", "--control-port", str(port)),
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
