@@ -211,11 +211,11 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.cmd == "status":
         return _status(args, state, console)
     if args.cmd == "dp":
-        table = Table("DP", "alive", "control", "sessions", "version", "bad datagrams")
+        table = Table("DP", "alive", "control", "sessions", "version", "bad datagrams", "identity (--dp-key)")
         for name, info in state.list_dps():
             table.add_row(name, "yes" if info else "[red]no[/]", (info or {}).get("control", "-"),
                           (info or {}).get("sessions", "-"), (info or {}).get("version", "-"),
-                          (info or {}).get("bad_datagrams", "-"))
+                          (info or {}).get("bad_datagrams", "-"), (info or {}).get("key_fingerprint", "-"))
         console.print(table)
         return 0
     return 2
