@@ -25,6 +25,3 @@ def bind_group_address() -> bool:
     """Bind the data socket to the group (Linux filters by group); Windows cannot bind a group."""
     return sys.platform.startswith("linux") and not portable_forced()
 
-
-def describe() -> str:
-    return "portable" if portable_forced() or not sys.platform.startswith("linux") else "linux"

@@ -49,7 +49,6 @@ HB_FINISHED = 0x02  # the session is over; receivers still incomplete should giv
 # 1,400-byte payloads + 24-byte header + 8 UDP + 40 IPv6 = 1,472 < 1,500 MTU:
 # never rely on IP fragmentation, which is ruinous under loss.
 DEFAULT_SYMBOL_SIZE = 1400
-MAX_DATAGRAM = 65507
 
 
 @dataclass(frozen=True, slots=True)

@@ -271,11 +271,6 @@ class Receiver:
     def done(self) -> bool:
         return self.state in (ACKED, GAVE_UP)
 
-    @property
-    def partial_bytes(self) -> int:
-        """Memory held by unfinished blocks (bounded by repairs arriving promptly)."""
-        return sum(len(s) for s in self._partial.values()) * self._ss
-
     # ------------------------------------------------------------------ internals
 
     def _complete_block(self, block: int, k: int, syms: dict[int, bytes]) -> tuple[int, bytes]:

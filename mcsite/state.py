@@ -21,7 +21,6 @@ from mcproto.messages import ClientResult, DeployRequest, ImageRef, SessionJob, 
 from mcsite.keys import Keys
 from mcsite.settings import ControllerSettings
 
-TERMINAL = ("finished", "failed", "cancelled")
 _ORDER = {"created": 0, "waiting": 1, "transferring": 2, "finished": 3, "failed": 3, "cancelled": 3}
 
 # KEYS: clients hash, deployment hash.  ARGV: client id, packed result, outcome, now.

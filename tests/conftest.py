@@ -8,7 +8,6 @@ picked free, multicast stays on 127.0.0.1 with TTL 1.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from controller import demo
 from mcsite.celeryapp import app, configure
 from mcsite.embedded_redis import EmbeddedRedis
 from mcsite.procs import ProcessGroup, python_module, site_env
 from mcsite.state import State
 
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_udp_port = demo.free_udp_port  # one helper for the demo and the tests
 
 
 @pytest.fixture(scope="session")
