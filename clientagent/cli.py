@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-key", default=None, metavar="FINGERPRINT",
                    help="the DP identity to trust (64 hex digits, shown by `mcdeploy dp list`; put it on the boot "
                    "media): offers not signed by it are refused")
+    p.add_argument("--controller-key", default=None, metavar="PUBLIC_KEY",
+                   help="the controller's public key (64 hex digits, shown by `mcdeploy key`; put it on the boot "
+                   "media): the image manifest must be signed by it and every chunk must match it before it "
+                   "is committed, so nobody, not even another enrolled client, can inject data")
     p.add_argument("--interface", default=None,
                    help="where to join multicast groups: an IPv4 address, or for IPv6 an interface name, "
                    "index or address (default: the interface towards the DP; for --discover the system's "
@@ -185,7 +189,7 @@ def result_dict(opts: ClientOptions, result: ClientResultInfo) -> dict[str, Any]
         "transfer_seconds": round(result.transfer_seconds, 3),
         "packets": result.packets, "duplicates": result.duplicates, "rejected": result.rejected,
         "test_dropped": result.test_dropped, "deployment": result.deployment, "moves": result.moves,
-        "encrypted": result.encrypted,
+        "encrypted": result.encrypted, "manifest": result.manifest, "rejected_chunks": result.rejected_chunks,
         **result.extra,
     }
 
@@ -241,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     problem = check_common(args) or check_output(args)
     if problem is None and args.dp_key is not None and not re.fullmatch(r"(sha256:)?[0-9a-fA-F]{64}", args.dp_key):
         problem = "--dp-key must be the DP's 64-hex-digit fingerprint"
+    if problem is None and args.controller_key is not None and not re.fullmatch(r"[0-9a-fA-F]{64}",
+                                                                                args.controller_key):
+        problem = "--controller-key must be the controller's 64-hex-digit public key (see `mcdeploy key`)"
     if group is not None and problem is None and not is_multicast(group[0]):
         problem = f"--discover: {group[0]} is not a multicast group address"
     if problem:
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ClientOptions(dp=dp, out=args.out, client_id=args.client_id or default_client_id(),
                          deployment=args.deployment, wait_s=args.wait, idle_timeout_s=args.idle_timeout,
                          test_loss=args.test_loss / 100.0, test_impair=args.test_impair, seed=args.test_seed,
-                         discover=group, dp_key=args.dp_key,
+                         discover=group, dp_key=args.dp_key, controller_key=args.controller_key,
                          interface=args.interface, **output_options(args))
     return run(opts, prog, json_out=args.json, quiet=args.quiet)
 

@@ -58,11 +58,15 @@ class JournalError(Exception):
 
 
 def identity(image_sha256: str, image_size: int, symbol_size: int, block_symbols: int, output: str,
-             output_size: int) -> dict[str, Any]:
-    """What a journal must match to be resumed from: the same image, layout and output."""
+             output_size: int, chunk_size: int = 0) -> dict[str, Any]:
+    """What a journal must match to be resumed from: the same image, layout and output.
+
+    ``chunk_size``: the manifest's (0: no manifest).  A journal written without manifest
+    checks holds blocks nobody checked, so a run with a manifest does not trust it.
+    """
     return {"version": VERSION, "image_sha256": image_sha256, "image_size": image_size,
             "symbol_size": symbol_size, "block_symbols": block_symbols,
-            "output": os.path.abspath(output), "output_size": output_size}
+            "output": os.path.abspath(output), "output_size": output_size, "chunk_size": chunk_size}
 
 
 def default_path(out: str, journal: str | None) -> str:

@@ -36,13 +36,25 @@ import os
 import stat
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 from clientagent import platform
 from mcproto.errors import McdeployError
 
+if TYPE_CHECKING:
+    from mcproto.manifest import Manifest
+
 COALESCE_BYTES = 1024 * 1024
 SPOOL_MEMORY = 64 * 1024 * 1024  # default bound on out-of-order blocks held in memory for --out -
 STDOUT = "-"
+
+
+class ChunkRejected(Exception):
+    """A chunk did not match the signed manifest; the bytes ``start``..``end`` must be received again."""
+
+    def __init__(self, chunk: int, start: int, end: int) -> None:
+        super().__init__(f"chunk {chunk} does not match the signed manifest")
+        self.chunk, self.start, self.end = chunk, start, end
 
 
 class OutputError(McdeployError):
@@ -231,6 +243,25 @@ class FileOutput:
         self._flush_run()
         self.sync()
 
+    def read_at(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` as the OS holds them (buffered writes are flushed first)."""
+        self._flush_run()
+        parts: list[bytes] = []
+        got = 0
+        try:
+            if not self._pwrite:
+                os.lseek(self._fd, offset, os.SEEK_SET)
+            while got < length:
+                part = (os.pread(self._fd, length - got, offset + got) if self._pwrite
+                        else os.read(self._fd, length - got))
+                if not part:
+                    break
+                parts.append(part)
+                got += len(part)
+        except OSError as exc:
+            raise OutputError(f"cannot read back {self.path}: {exc.strerror}") from None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def sha256(self, chunk: int = 4 * 1024 * 1024) -> str:
         """Digest of the first ``size`` bytes as they are on disk (re-read, not remembered)."""
         h = hashlib.sha256()
@@ -262,6 +293,10 @@ class PipeOutput:
 
     ``block_bytes``: the spool's slot size (blocks are that long, the last shorter; a longer
     write is kept as several slots).  Each range is written once.
+
+    ``manifest``: nothing reaches the pipe before its chunk matched the signed manifest.  The
+    contiguous bytes of the current chunk are held (one chunk, at most a block more); a chunk
+    that fails is discarded and :class:`ChunkRejected` says which bytes to receive again.
     """
 
     durable = False
@@ -269,8 +304,14 @@ class PipeOutput:
     found_size = None
 
     def __init__(self, size: int, block_bytes: int, *, fd: int | None = None, memory_limit: int = SPOOL_MEMORY,
-                 spool_dir: str | None = None, use_pwrite: bool | None = None) -> None:
+                 spool_dir: str | None = None, use_pwrite: bool | None = None,
+                 manifest: Manifest | None = None) -> None:
         self.size = size
+        self.manifest = manifest
+        self._hold = bytearray()
+        self._held_at = 0  # image offset of the first held byte
+        self.checked_chunks = 0
+        self.rejected_chunks = 0
         self.path = "stdout" if fd is None else f"fd {fd}"
         self.block_bytes = max(1, block_bytes)
         self.memory_limit = memory_limit
@@ -308,6 +349,8 @@ class PipeOutput:
         return self._mem_bytes
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
+        if offset < self._next < offset + len(data):  # a block received again after its chunk was rejected
+            data, offset = memoryview(data)[self._next - offset:], self._next
         n = len(data)
         if offset < self._next or offset in self._mem or offset in self._disk or n == 0:
             return  # already written or waiting: each range is written once
@@ -326,6 +369,34 @@ class PipeOutput:
                 self._spill(offset + i, view[i:i + self.block_bytes])
 
     def _emit(self, data: bytes | memoryview) -> None:
+        if self.manifest is None:
+            self._next += len(data)
+            self._out(data)
+            return
+        self._hold += data
+        self._next += len(data)
+        chunk_size = self.manifest.chunk_size
+        while self._hold:
+            chunk = self._held_at // chunk_size
+            need = min(chunk_size, self.size - self._held_at)
+            if len(self._hold) < need:
+                return
+            piece = memoryview(self._hold)[:need]
+            ok = self.manifest.check_chunk(chunk, piece)
+            if not ok:
+                piece.release()
+                start, end = self._held_at, self._next
+                self._hold.clear()
+                self._next = start
+                self.rejected_chunks += 1
+                raise ChunkRejected(chunk, start, end)
+            self.checked_chunks += 1
+            self._out(piece)
+            piece.release()
+            del self._hold[:need]
+            self._held_at += need
+
+    def _out(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         self._hash.update(view)
         try:
@@ -338,7 +409,6 @@ class PipeOutput:
             raise OutputError("cannot write stdout: the program reading it went away (broken pipe)") from None
         except OSError as exc:
             raise OutputError(_reason(exc, self.path)) from None
-        self._next += len(data)
         self.written += len(data)
 
     def _drain(self) -> None:
@@ -405,7 +475,7 @@ class PipeOutput:
         """A pipe has no stable storage."""
 
     def finish(self) -> None:
-        if self._next != self.size:
+        if self._next != self.size or self._hold:
             raise OutputError(f"only {self._next} of {self.size} bytes could be written to {self.path} in order")
 
     def sha256(self) -> str:
@@ -415,6 +485,11 @@ class PipeOutput:
     def stats(self) -> dict[str, int]:
         return {"spool_peak_memory": self.peak_memory, "spooled_blocks": self.spooled_blocks,
                 "spool_peak_bytes": self.peak_spool_bytes}
+
+    @property
+    def memory_bytes_held(self) -> int:
+        """Bytes waiting for their chunk's check (at most a chunk and a block)."""
+        return len(self._hold)
 
     def close(self) -> None:
         self._mem.clear()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from clientagent import integrity
 from clientagent import journal as journal_mod
 from clientagent.impair import Impairment
 from clientagent.journal import Committer, Journal, JournalError
@@ -39,6 +40,7 @@ from mcproto import codec, keyexchange, packets, seal
 from mcproto.errors import MessageError, PacketError
 from mcproto.events import Acknowledged, GaveUp, Moved, TransferComplete
 from mcproto.fec import Layout
+from mcproto.manifest import Manifest, ManifestError
 from mcproto.messages import Announce, Join, NoSession, Offer
 from mcproto.receiver import Receiver
 
@@ -72,6 +74,7 @@ class ClientOptions:
     agent: str = "mcdeploy-client/0.1"
     shared_key: bytes | None = None  # standalone: packets sealed under keys derived from it
     dp_key: str | None = None  # pinned fingerprint of the DP's identity (SHA-256 of its public key, hex)
+    controller_key: str | None = None  # pinned controller public key (64 hex): the manifest must be signed by it
     # Outputs and resume (see clientagent.output and clientagent.journal).
     journal: str | None = None  # journal file, or a directory for it; None: beside a regular-file output
     resume: bool = True  # keep a journal and resume from a matching one; False: always start fresh
@@ -113,6 +116,8 @@ class ClientResultInfo:
     test_dropped: int = 0
     moves: int = 0
     encrypted: bool = False
+    manifest: str = "none"  # "signed" (checked against the pinned controller key), "unverified", "none"
+    rejected_chunks: int = 0  # chunks that failed the manifest and were received again
     deployment: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -253,15 +258,32 @@ def receive(opts: ClientOptions, progress: Progress | None = None, notice: Notic
                 session_key = keyexchange.unwrap(client_secret, offer.eph_key, offer.key_box, offer.session_id,
                                                  opts.client_id)
             except keyexchange.KeyExchangeError as exc:
-                return ClientResultInfo(EXIT_NO_SESSION, f"refused the DP's offer: {exc}")
+                return _refuse(opts, offer, ctrl, dp_addr, str(exc))
             if not opts.dp_key:
                 say("the DP's identity is not pinned (--dp-key): trusting whoever signed this offer")
         elif opts.dp_key:
-            return ClientResultInfo(EXIT_NO_SESSION, "refused the DP's offer: --dp-key was given but the session "
-                                    "is not encrypted and signed")
-        return _run(opts, offer, ctrl, dp_addr, progress, say, session_key)
+            return _refuse(opts, offer, ctrl, dp_addr, "--dp-key was given but the session is not encrypted "
+                           "and signed")
+        try:
+            blob = (integrity.fetch(ctrl, dp_addr, offer, opts.client_id, min(opts.wait_s, 60.0))
+                    if offer.manifest_bytes else None)
+            trust = integrity.settle(offer, blob, opts.controller_key)
+        except (integrity.IntegrityError, ManifestError) as exc:
+            return _refuse(opts, offer, ctrl, dp_addr, str(exc))
+        if trust.status == "unverified":
+            say("the image manifest is not verified (no --controller-key pinned): chunks are checked against "
+                "what the DP serves")
+        return _run(opts, offer, ctrl, dp_addr, progress, say, session_key, trust)
     finally:
         ctrl.close()
+
+
+def _refuse(opts: ClientOptions, offer: Offer, ctrl, dp_addr, why: str  # type: ignore[no-untyped-def]
+            ) -> ClientResultInfo:
+    """Refuse an offer: tell the DP why (so the site's record says it), and stop."""
+    reason = f"refused the DP's offer: {why}"
+    _report_failure(opts, offer, ctrl, dp_addr, reason)
+    return ClientResultInfo(EXIT_NO_SESSION, reason, deployment=offer.deployment)
 
 
 def _discover(opts: ClientOptions) -> ClientOptions | ClientResultInfo:
@@ -298,7 +320,7 @@ class _Opened:
     done: set[int] = field(default_factory=set)
 
 
-def _open_output(opts: ClientOptions, offer: Offer, say: Notice) -> _Opened:
+def _open_output(opts: ClientOptions, offer: Offer, say: Notice, manifest: Manifest | None = None) -> _Opened:
     """Open ``opts.out`` and its journal; resume from the journal if it matches this image and output.
 
     Order matters for power loss: a fresh journal is durable before the output is truncated, so
@@ -307,7 +329,7 @@ def _open_output(opts: ClientOptions, offer: Offer, say: Notice) -> _Opened:
     layout = Layout(offer.image_size, offer.symbol_size, offer.block_symbols)
     if classify(opts.out) == "stdout":
         out = PipeOutput(offer.image_size, layout.block_bytes, memory_limit=opts.spool_memory,
-                         spool_dir=opts.spool_dir)
+                         spool_dir=opts.spool_dir, manifest=manifest)
         if opts.resume:
             say("resume does not apply to --out -: a pipe cannot be rewound, so a restart receives the whole "
                 "image again")
@@ -325,7 +347,8 @@ def _open_output(opts: ClientOptions, offer: Offer, say: Notice) -> _Opened:
             return _Opened(output)
         path = journal_mod.default_path(opts.out, opts.journal)
         ident = journal_mod.identity(offer.image_sha256, offer.image_size, offer.symbol_size, offer.block_symbols,
-                                     opts.out, output.found_size if output.device else offer.image_size)
+                                     opts.out, output.found_size if output.device else offer.image_size,
+                                     manifest.chunk_size if manifest is not None else 0)
         try:
             found = journal_mod.read(path)
             why = _unusable(found, ident, output, offer.image_size)
@@ -365,7 +388,7 @@ def _unusable(found: journal_mod.Contents, ident: dict, output: FileOutput, size
 
 
 def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | None,  # type: ignore[no-untyped-def]
-         say: Notice, session_key: bytes | None = None) -> ClientResultInfo:
+         say: Notice, session_key: bytes | None = None, trust: integrity.Trust | None = None) -> ClientResultInfo:
     impair = opts.impairment()
     started = first_data = time.monotonic()
     got_data = False
@@ -379,8 +402,10 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                        f"{getattr(exc, 'strerror', None) or exc}")
         _report_failure(opts, offer, ctrl, dp_addr, info.reason)
         return info
+    trust = trust or integrity.Trust(None, "none")
+    info.manifest = trust.status
     try:
-        opened = _open_output(opts, offer, say)
+        opened = _open_output(opts, offer, say, trust.manifest)
     except OutputError as exc:
         data.close()
         info.exit_code, info.reason = EXIT_OUTPUT_FAILED, str(exc)
@@ -393,6 +418,7 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
     receiver = Receiver(offer, opts.client_id, started, idle_timeout=opts.idle_timeout_s, done_blocks=opened.done,
                         key=key)
     block_bytes = receiver.layout.block_bytes
+    writer = integrity.CheckedWriter(output, committer, trust.manifest, block_bytes, receiver.blocks, opened.done)
     received = 0  # blocks completed by this run (a resumed run: only those the journal did not have)
     committing = committer is not None  # until the transfer is complete; then the verifier commits the rest
     sel = selectors.DefaultSelector()
@@ -424,10 +450,11 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                             if w is not None:
                                 if not got_data:
                                     got_data, first_data = True, now
-                                output.write_at(w[0], w[1])
                                 received += 1
-                                if committer is not None:
-                                    committer.add(w[0] // block_bytes, now)
+                                again = writer.write(w[0], w[1], now)
+                                if again:  # a chunk failed the manifest: receive its blocks again
+                                    receiver.forget(again, now)
+                                    received -= len(again)
                 else:
                     _read_control(ctrl, dp_addr, receiver, now)
             now = time.monotonic()
@@ -479,6 +506,9 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
     except OutputError as exc:
         info.exit_code, info.reason = EXIT_OUTPUT_FAILED, str(exc)
         _report_failure(opts, offer, ctrl, dp_addr, info.reason)
+    except integrity.IntegrityError as exc:
+        info.exit_code, info.reason = EXIT_VERIFY_FAILED, str(exc)
+        _report_failure(opts, offer, ctrl, dp_addr, info.reason)
     finally:
         sel.close()
         data.close()
@@ -490,11 +520,13 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
         output.close()
         if journal is not None:
             _settle_journal(journal, committer, info.exit_code, receiver.blocks, say)
-    if info.exit_code == EXIT_VERIFY_FAILED:
+    if info.exit_code == EXIT_VERIFY_FAILED and not info.reason:
         info.reason = "SHA-256 of the written image does not match the offer"
+    info.rejected_chunks = writer.rejected_chunks
     info.extra.update({
         "output": output.kind, "blocks": receiver.blocks, "blocks_received": received,
         "resumed_blocks": len(opened.done), "journal": journal.path if journal is not None else "",
+        "checked_chunks": writer.checked_chunks,
         "journal_commits": committer.commits if committer is not None else 0,
         "journal_blocks": committer.committed if committer is not None else 0,
         **output.stats(),

@@ -72,8 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help="print the JSON Schema of every message and task body")
     s.add_argument("--type", dest="msg_type", help="only this message type (e.g. deploy_request)")
 
+    k = sub.add_parser("key", help="show the controller's public key, for clients to pin (--controller-key)",
+                       description="The controller signs every image manifest with its Ed25519 key (created on "
+                       "first use; MCDEPLOY_CONTROLLER_KEY_FILE). Put the public key on the clients' boot media "
+                       "as mcdeploy-client --controller-key KEY: they then commit only data the manifest vouches for.")
+    k.add_argument("--json", action="store_true")
+
     img = sub.add_parser("image", help="manage images").add_subparsers(dest="image_cmd", required=True)
-    ia = img.add_parser("add", help="record a file as an image (size, SHA-256, location)")
+    ia = img.add_parser("add", help="record a file as an image: size, SHA-256, and a manifest signed by the "
+                        "controller's key (a digest per chunk, which clients check before committing)")
     ia.add_argument("path")
     ia.add_argument("--name", help="image name (default: the file name)")
     img.add_parser("list", help="list images")
@@ -101,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how long a client may stay below --drop-below before it is dropped or moved (default 2)")
     dep.add_argument("--unicast-fallback", action="store_true",
                      help="tell dropped clients they may fetch the image by unicast")
+    dep.add_argument("--no-encrypt", dest="encrypt", action="store_false",
+                     help="send this deployment's packets in the clear, unauthenticated (default: sealed when "
+                     "the DP has an identity; manifest checks still apply)")
 
     st = sub.add_parser("status", help="deployments, or one deployment's clients")
     st.add_argument("deployment", nargs="?")
@@ -187,6 +197,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             schemas = {args.msg_type: schemas[args.msg_type]}
         print(json.dumps(schemas, indent=2))
         return 0
+    if args.cmd == "key":
+        return _key(args, console)
     state, url = _state()
     if args.cmd == "image":
         return _image(args, state, console)
@@ -200,8 +212,12 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
                             start_at=args.start_at, max_rate_mbps=args.rate, slow_policy=args.slow_policy,
                             drop_below_mbps=args.drop_below, min_rate_mbps=args.min_rate,
                             slow_grace_s=args.slow_grace,
-                            unicast_fallback=args.unicast_fallback,
+                            unicast_fallback=args.unicast_fallback, encrypt=args.encrypt,
                             idempotency_key=args.idempotency_key)
+        if not args.encrypt:
+            console.print("[bold red]WARNING[/]: this deployment is NOT ENCRYPTED: the image crosses the network "
+                          "in the clear and its packets are not authenticated (the signed manifest still guards "
+                          "what clients commit)")
         dep_id, job, created = api.deploy(state, app, req)
         verb = "created" if created else "already exists (same idempotency key)"
         console.print(f"deployment {dep_id} {verb}: image {args.image} from DP {args.dp} on "
@@ -225,16 +241,36 @@ def _image(args: argparse.Namespace, state: Any, console: Console) -> int:
     from controller import api
 
     if args.image_cmd == "add":
-        rec = api.add_image(state, args.path, args.name)
-        console.print(f"image {rec['name']}: {int(rec['size'])} bytes, sha256 {rec['sha256']}, at {rec['path']}")
+        rec = api.describe_image(api.add_image(state, args.path, args.name))
+        m = rec["manifest"]
+        signed = f"manifest of {m['chunks']} chunks signed by {m['signed_by']}" if isinstance(m, dict) else str(m)
+        console.print(f"image {rec['name']}: {int(str(rec['size']))} bytes, sha256 {rec['sha256']}, at "
+                      f"{rec['path']}; {signed}")
         return 0
     if args.image_cmd == "show":
-        console.print_json(json.dumps(state.get_image(args.name)))
+        console.print_json(json.dumps(api.describe_image(state.get_image(args.name))))
         return 0
-    table = Table("name", "bytes", "sha256", "path")
+    table = Table("name", "bytes", "sha256", "manifest", "path")
     for rec in state.list_images():
-        table.add_row(rec["name"], rec["size"], rec["sha256"][:16] + "…", rec["path"])
+        table.add_row(rec["name"], rec["size"], rec["sha256"][:16] + "…", "signed" if rec.get("manifest") else "-",
+                      rec["path"])
     console.print(table)
+    return 0
+
+
+def _key(args: argparse.Namespace, console: Console) -> int:
+    from mcproto import manifest as mf
+    from mcsite import identity
+    from mcsite.settings import ControllerSettings
+
+    public = identity.controller_key(ControllerSettings().key_file).public_key()
+    raw = mf.public_bytes(public).hex()
+    if args.json:
+        print(json.dumps({"public_key": raw, "key_id": mf.key_id(public)}))
+    else:
+        console.print(f"controller public key (pin on clients: --controller-key {raw})")
+        console.print(f"key id: {mf.key_id(public)}")
+        print(raw)
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from mcproto import codec
 from mcproto.errors import ConfigError, MessageError
-from mcproto.messages import Done, Failed, Join, Message, NoSession, Status
+from mcproto.messages import Done, Failed, Join, ManifestGet, Message, NoSession, Status
 
 if TYPE_CHECKING:
     from dpagent.session import SessionRunner
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcdeploy.dp.host")
 
 LOG_EVERY_S = 10.0
-CLIENT_MESSAGES = (Join, Status, Done, Failed)
+CLIENT_MESSAGES = (Join, Status, Done, Failed, ManifestGet)
 LINGER_S = 120.0  # finished sessions still re-acknowledge late results this long
 
 

@@ -11,6 +11,7 @@ out only after its result was handed to the relay, so an ``Ack`` means
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import os
@@ -26,7 +27,19 @@ from clientagent.net import interface_index, is_ipv6
 from mcproto import codec, keyexchange
 from mcproto.errors import ConfigError
 from mcproto.events import ClientFinished, ClientJoined, ClientTooSlow, SessionFinished, TransferStarted
-from mcproto.messages import Announce, ClientResult, Join, Message, NoSession, Offer, SessionJob, SessionReport
+from mcproto.messages import (
+    MANIFEST_PART_BYTES,
+    Announce,
+    ClientResult,
+    Join,
+    ManifestGet,
+    ManifestPart,
+    Message,
+    NoSession,
+    Offer,
+    SessionJob,
+    SessionReport,
+)
 from mcproto.sender import FINISHED, RatePolicy, Sender, SenderConfig, StartPolicy
 from mcproto.tiers import TieredSession
 from mcsite.settings import DPSettings
@@ -117,13 +130,24 @@ class SessionRunner:
                 session_id=job.session_id, deployment=job.deployment, control_host=control[0],
                 control_port=control[1], image_size=job.image.size)),
         )
-        self._identity = identity if settings.encrypt else None
+        self._identity = identity if settings.encrypt and job.encrypt else None
+        if self._identity is None:
+            log.warning("deployment=%s is NOT ENCRYPTED: its image crosses the network in the clear and its "
+                        "packets are not authenticated (%s)", job.deployment,
+                        "the deployment asked for it" if not job.encrypt else
+                        "this DP has MCDEPLOY_DP_ENCRYPT=false" if not settings.encrypt else "no DP identity")
+        try:
+            self._manifest = base64.b64decode(job.image.manifest, validate=True) if job.image.manifest else b""
+        except ValueError:
+            raise ConfigError(f"the session job of {job.deployment} carries a malformed manifest") from None
         if self._identity is not None:
             # A fresh key per session; the epoch (the lease's fencing number) keeps nonces unique even if
             # this session is re-dispatched to another sender with the same key.
             self._session_key = os.urandom(32)
             self.config = dataclasses.replace(self.config, key=self._session_key, epoch=epoch % 2**32,
                                               offer_hook=self._complete_offer, seal_announce=False)
+        elif self._manifest:
+            self.config = dataclasses.replace(self.config, offer_hook=self._complete_offer)
         self._file = open(job.image.path, "rb")  # noqa: SIM115 - closed in run()
         self.sender = self._make_sender()
         self._reply = reply
@@ -135,8 +159,12 @@ class SessionRunner:
         self.send_errors = 0
 
     def _complete_offer(self, offer: Offer, join: Join) -> Offer | NoSession:
-        """Wrap the session key to the joining client's key and sign the offer (called under the lock)."""
-        assert self._identity is not None
+        """Name the manifest's length, wrap the session key to the joining client's key and sign the offer
+        (called under the lock)."""
+        if self._manifest:
+            offer = offer.model_copy(update={"manifest_bytes": len(self._manifest)})
+        if self._identity is None:
+            return offer
         if join.client_key is None:
             return NoSession(reason="this session is encrypted and the client sent no key: update the client agent")
         eph, box = keyexchange.wrap(self._session_key, join.client_key, offer.session_id, join.client_id)
@@ -167,11 +195,24 @@ class SessionRunner:
 
     def handle_inbound(self, msg: Message, addr: object) -> None:
         """A decoded client message: feed the sender, relay events, then send replies."""
+        if isinstance(msg, ManifestGet):
+            self._serve_manifest(msg, addr)
+            return
         with self._lock:
             self.sender.handle_message(msg, addr, time.monotonic())
             events, replies = self._drain()
         self._dispatch(events, replies)
         self._wake.set()
+
+    def _serve_manifest(self, msg: ManifestGet, addr: object) -> None:
+        """A part of the signed manifest, to clients that joined this session (it is public, but not for all)."""
+        with self._lock:
+            known = msg.client_id in self.sender.clients
+        if not known or msg.offset >= len(self._manifest):
+            return
+        part = self._manifest[msg.offset:msg.offset + MANIFEST_PART_BYTES]
+        self._reply(ManifestPart(session_id=self.session_id, offset=msg.offset, total=len(self._manifest),
+                                 data=part), addr)
 
     def abort(self, reason: str) -> None:
         self._abort_reason = reason

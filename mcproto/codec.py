@@ -25,9 +25,9 @@ M = TypeVar("M", bound=Message)
 # 1,500-byte link: 1,500 - 20 (IPv4) - 8 (UDP) = 1,472; we keep 1,400 for IPv6
 # headers and tunnels.
 MAX_DATAGRAM_BYTES = 1400
-# Task bodies can be larger (image refs with long paths) but stay small:
-# big specs live in Redis and tasks carry ids.
-MAX_BODY_BYTES = 64 * 1024
+# Task bodies can be larger: a session job carries the image's signed manifest (at most
+# 65,536 chunk digests, ~1.4 MB in base64; see mcproto.manifest); everything else is small.
+MAX_BODY_BYTES = 3 * 1024 * 1024
 
 _BY_TYPE: dict[str, type[Message]] = {
     m.model_fields["type"].default: m for m in ALL_MESSAGES
@@ -70,7 +70,8 @@ def validate(data: Any, allowed: Iterable[type[M]] | None = None) -> M:
 
 def encode(msg: Message, max_size: int = MAX_DATAGRAM_BYTES) -> bytes:
     """Serialize a message to msgpack; refuses to produce more than ``max_size`` bytes."""
-    data = msgpack.packb(msg.model_dump(mode="json"), use_bin_type=True)
+    # Python mode keeps ``bytes`` fields binary (msgpack bin), which JSON mode would turn into text.
+    data = msgpack.packb(msg.model_dump(), use_bin_type=True)
     if len(data) > max_size:
         raise MessageError(f"{msg.type} message is {len(data)} bytes, limit {max_size}")  # type: ignore[attr-defined]
     return data

@@ -31,7 +31,8 @@ from mcproto.errors import McdeployError
 
 CHUNK_SIZE = 1024 * 1024
 DIGEST_LEN = 16
-MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # 4 TiB of 1 MiB chunks at 16 bytes each
+MAX_CHUNKS = 65536  # chunks grow past 1 MiB for images over 64 GiB, so a manifest stays ~1 MiB
+MAX_MANIFEST_BYTES = MAX_CHUNKS * DIGEST_LEN + 4096
 
 
 class ManifestError(McdeployError):
@@ -48,7 +49,7 @@ class Manifest(BaseModel):
     image: Annotated[str, Field(min_length=1, max_length=128)]
     size: Annotated[int, Field(ge=0)]
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    chunk_size: Annotated[int, Field(ge=4096, le=1 << 30)] = CHUNK_SIZE
+    chunk_size: Annotated[int, Field(ge=4096, le=1 << 40)] = CHUNK_SIZE
     chunk_digests: bytes  # DIGEST_LEN bytes per chunk, in order
     key_id: Annotated[str, Field(max_length=80)] = ""
 
@@ -65,6 +66,19 @@ class Manifest(BaseModel):
             return False
         expected = min(self.chunk_size, self.size - index * self.chunk_size)
         return len(data) == expected and chunk_digest(data) == self.chunk_digest(index)
+
+
+def chunk_size_for(size: int) -> int:
+    """The chunk size for an image of ``size`` bytes: 1 MiB, doubled until at most ``MAX_CHUNKS`` chunks.
+
+    Why: the manifest travels in every session job and to every client over the session
+    plane, so it must stay small (≤ ~1 MiB) for any image, while 1 MiB chunks keep a client's
+    unverified hold (a pipe output holds one chunk) small for ordinary images.
+    """
+    chunk = CHUNK_SIZE
+    while -(-size // chunk) > MAX_CHUNKS:
+        chunk *= 2
+    return chunk
 
 
 def chunk_digest(data: bytes | memoryview) -> bytes:
@@ -138,3 +152,18 @@ def verify(blob: bytes, public_key: Ed25519PublicKey) -> Manifest:
     if len(manifest.chunk_digests) != manifest.chunks * DIGEST_LEN:
         raise ManifestError("manifest digests do not cover the image")
     return manifest
+
+
+def build_file(image: str, path: str, chunk_size: int | None = None) -> Manifest:
+    """Digest a file (see :func:`build`); the chunk size follows its size unless given.  Raises OSError."""
+    import os
+
+    size = os.path.getsize(path)
+    chunk = chunk_size or chunk_size_for(size)
+
+    def chunks() -> Iterable[bytes]:
+        with open(path, "rb") as fh:
+            while data := fh.read(chunk):
+                yield data
+
+    return build(image, chunks(), chunk)

@@ -5,7 +5,8 @@ tag and a protocol ``version``; new fields get defaults; nothing is reordered or
 reused; unknown fields are rejected.  Two families live here:
 
 * session plane (client <-> DP agent, unicast msgpack datagrams):
-  ``Join``, ``Offer``, ``NoSession``, ``Status``, ``Done``, ``Failed``, ``Ack``;
+  ``Join``, ``Offer``, ``NoSession``, ``ManifestGet``/``ManifestPart``, ``Status``, ``Done``,
+  ``Failed``, ``Ack``;
 * control plane (Celery task bodies between controller and DP agents):
   ``DeployRequest``, ``SessionJob``, ``ClientResult``, ``SessionReport``.
 
@@ -31,6 +32,10 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 NeedRange = Annotated[list[Annotated[int, Field(ge=0, lt=2**32)]], Field(min_length=3, max_length=3)]
 
 MAX_RANGES_PER_STATUS = 64
+# The signed manifest travels to clients in parts that fit one session-plane datagram; it is at
+# most 65,536 chunk digests plus a little (see mcproto.manifest), so ~1,100 parts.
+MANIFEST_PART_BYTES = 1024
+MAX_MANIFEST_BYTES = 2 * 1024 * 1024
 
 
 class Message(BaseModel):
@@ -90,6 +95,27 @@ class Offer(Message):
     key_box: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{96}$")] | None = None
     dp_key: Hex32 | None = None
     signature: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")] | None = None
+    # Length of the controller-signed image manifest the DP serves (ManifestGet); 0: none.
+    manifest_bytes: Annotated[int, Field(ge=0, le=MAX_MANIFEST_BYTES)] = 0
+
+
+class ManifestGet(Message):
+    """Client -> DP: send ``length`` bytes of the session's signed manifest from ``offset``."""
+
+    type: Literal["manifest_get"] = "manifest_get"
+    session_id: SessionId
+    client_id: Name
+    offset: Annotated[int, Field(ge=0, le=MAX_MANIFEST_BYTES)]
+
+
+class ManifestPart(Message):
+    """DP -> client: a piece of the signed manifest (the client checks the whole by its signature)."""
+
+    type: Literal["manifest_part"] = "manifest_part"
+    session_id: SessionId
+    offset: Annotated[int, Field(ge=0, le=MAX_MANIFEST_BYTES)]
+    total: Annotated[int, Field(ge=1, le=MAX_MANIFEST_BYTES)]
+    data: Annotated[bytes, Field(min_length=1, max_length=MANIFEST_PART_BYTES)]
 
 
 class NoSession(Message):
@@ -187,6 +213,8 @@ class DeployRequest(Message):
     min_rate_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
     slow_grace_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
     unicast_fallback: bool = False
+    # False: send this deployment's packets in the clear (e.g. a lab without a DP identity pinned).
+    encrypt: bool = True
 
 
 class Tier(Message):
@@ -206,6 +234,8 @@ class ImageRef(Message):
     path: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
     size: Annotated[int, Field(ge=0)]
     sha256: Sha256Hex
+    # The controller-signed manifest (mcproto.manifest wire form), base64: task bodies stay JSON-compatible.
+    manifest: Annotated[str, StringConstraints(max_length=MAX_MANIFEST_BYTES * 4 // 3 + 4)] = ""
 
 
 class SessionJob(Message):
@@ -235,6 +265,8 @@ class SessionJob(Message):
     unicast_fallback: bool = False
     tiers: Annotated[list[Tier], Field(max_length=2)] = []  # slower streams for slow_policy "tier"
     deadline_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = 4 * 3600.0
+    # False: this deployment's packets go in the clear (the DP logs it loudly, results say so).
+    encrypt: bool = True
 
 
 class ClientResult(Message):
@@ -269,6 +301,7 @@ class SessionReport(Message):
     seconds: Annotated[float, Field(ge=0)] = 0.0
 
 
-SESSION_PLANE: tuple[type[Message], ...] = (Announce, Join, Offer, NoSession, Status, Done, Failed, Drop, Ack)
+SESSION_PLANE: tuple[type[Message], ...] = (Announce, Join, Offer, NoSession, Status, Done, Failed, Drop, Ack,
+                                            ManifestGet, ManifestPart)
 CONTROL_PLANE: tuple[type[Message], ...] = (DeployRequest, SessionJob, ClientResult, SessionReport)
 ALL_MESSAGES: tuple[type[Message], ...] = (*SESSION_PLANE, *CONTROL_PLANE, ImageRef, Tier)

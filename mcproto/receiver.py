@@ -225,6 +225,23 @@ class Receiver:
         self._start_report(Failed(session_id=self.session_id, client_id=self.client_id,
                                   reason=reason[:500]), now)
 
+    def forget(self, blocks: list[int], now: float) -> None:
+        """The adapter found these completed blocks wrong (a chunk failed the signed manifest):
+        receive them again.  Undoes completion if it was reached; they are asked for at once."""
+        if self.state not in (RECEIVING, COMPLETE):
+            return
+        for b in blocks:
+            if 0 <= b < self.blocks and self._done[b]:
+                self._done[b] = 0
+                self.blocks_done -= 1
+                self._partial.pop(b, None)
+                self._prompt.add(b)
+        if self.state == COMPLETE and self.blocks_done < self.blocks:
+            self.state = RECEIVING
+            self._last_heard = now
+            self._events = deque(e for e in self._events if not isinstance(e, TransferComplete))
+        self._next_status = min(self._next_status, now)
+
     def handle_timer(self, now: float) -> None:
         # COMPLETE is exempt: every byte is here, only local verification is left (which can take
         # minutes for a large image while the sender may already be gone).

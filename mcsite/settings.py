@@ -90,6 +90,9 @@ class ControllerSettings(_Component):
     start_timeout_s: float = Field(60.0, gt=0, description="Start with whoever joined after this.")
     default_rate_mbps: float = Field(400.0, gt=0, description="Rate tiers are derived from when a deployment "
                                      "names no rate (tier 2 = 1/3, tier 3 = 1/10); DPs cap it by their own maximum.")
+    key_file: str = Field("", description="The controller's Ed25519 signing key (created on first use); empty = "
+                          "$XDG_DATA_HOME/mcdeploy/controller.key. It signs image manifests; clients pin its "
+                          "public key (`mcdeploy key`).")
 
 
 class DPSettings(_Component):

@@ -87,22 +87,31 @@ class State:
 
     # ------------------------------------------------------------------ images
 
-    def add_image(self, name: str, path: str, size: int, sha256: str) -> dict[str, str]:
-        """Record an image; the same content again is a no-op, different content is refused."""
+    def add_image(self, name: str, path: str, size: int, sha256: str, manifest: str = "") -> dict[str, str]:
+        """Record an image; the same content again is a no-op, different content is refused.
+
+        ``manifest``: the controller-signed manifest, base64 (see :mod:`mcproto.manifest`).
+        """
         existing = self.r.hgetall(self.k.image(name))
         if existing:
             rec = _hash(existing)
             if rec["sha256"] == sha256 and rec["path"] == path:
+                if manifest and not rec.get("manifest"):
+                    self.set_image_manifest(name, manifest)
+                    rec["manifest"] = manifest
                 return rec
             raise ConfigError(f"an image named {name!r} already exists with other content; "
                               "choose another --name")
         rec = {"name": name, "path": path, "size": str(size), "sha256": sha256,
-               "added_at": f"{time.time():.3f}"}
+               "added_at": f"{time.time():.3f}", "manifest": manifest}
         with self.r.pipeline() as p:
             p.hset(self.k.image(name), mapping=rec)
             p.sadd(self.k.images, name)
             p.execute()
         return rec
+
+    def set_image_manifest(self, name: str, manifest: str) -> None:
+        self.r.hset(self.k.image(name), "manifest", manifest)
 
     def get_image(self, name: str) -> dict[str, str]:
         raw = self.r.hgetall(self.k.image(name))
@@ -164,11 +173,12 @@ class State:
         job = SessionJob(
             deployment=dep_id, session_id=secrets.randbits(63) or 1, dp=dp,
             image=ImageRef(name=image["name"], path=image["path"], size=int(image["size"]),
-                           sha256=image["sha256"]),
+                           sha256=image["sha256"], manifest=image.get("manifest", "")),
             group=group, port=port, expected_clients=expected, start_timeout_s=req.start_timeout_s,
             start_clients=req.start_clients, start_at=req.start_at, max_rate_mbps=req.max_rate_mbps,
             slow_policy=req.slow_policy, drop_below_mbps=req.drop_below_mbps, min_rate_mbps=req.min_rate_mbps,
             slow_grace_s=req.slow_grace_s, unicast_fallback=req.unicast_fallback, tiers=tiers,
+            encrypt=req.encrypt,
         )
         now = f"{time.time():.3f}"
         rec = {"id": dep_id, "image": image["name"], "dp": dp, "expected": str(expected),
