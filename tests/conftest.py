@@ -26,6 +26,23 @@ from mcsite.state import State
 free_udp_port = demo.free_udp_port  # one helper for the demo and the tests
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Keys the tests' controllers and DPs create live in a temp dir, never in the user's home."""
+    home = tmp_path_factory.mktemp("xdg-data")
+    saved = {k: os.environ.get(k) for k in ("XDG_DATA_HOME", "MCDEPLOY_CONTROLLER_KEY_FILE")}
+    os.environ["XDG_DATA_HOME"] = str(home)
+    os.environ["MCDEPLOY_CONTROLLER_KEY_FILE"] = str(home / "controller.key")
+    try:
+        yield home
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis() as server:
