@@ -49,6 +49,9 @@ SPOOL_MEMORY = 64 * 1024 * 1024  # default bound on out-of-order blocks held in 
 STDOUT = "-"
 
 
+SPARSE_GRAIN = 64 * 1024  # zero ranges this long (aligned) become holes, whatever the block size
+
+
 class ChunkRejected(Exception):
     """A chunk did not match the signed manifest; the bytes ``start``..``end`` must be received again."""
 
@@ -189,9 +192,15 @@ class FileOutput:
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
         """Write ``data`` at ``offset``; contiguous writes are coalesced into one system call per
         ``COALESCE_BYTES`` (one ``pwrite`` per 1,400-byte symbol would double the client's syscalls)."""
-        if self.sparse and self._all_zero(data):
-            self.hole_bytes += len(data)
-            return
+        if self.sparse:
+            if len(data) > SPARSE_GRAIN:  # large blocks: find holes at a finer grain than the block
+                view = memoryview(data)
+                for i in range(0, len(data), SPARSE_GRAIN):
+                    self.write_at(offset + i, view[i:i + SPARSE_GRAIN])
+                return
+            if self._all_zero(data):
+                self.hole_bytes += len(data)
+                return
         if self._run and offset == self._run_start + len(self._run) and len(self._run) < COALESCE_BYTES:
             self._run += data
             return
