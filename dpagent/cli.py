@@ -69,7 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # pydantic validation of settings
         print(f"mcdeploy-dp: error: invalid setting: {exc}".splitlines()[0], file=sys.stderr)
         return 2
-    relay = Relay(app, state)
+    try:
+        spool = None if settings.spool_dir == "memory" else (
+            settings.spool_dir or str(identity_key.default_spool_dir(settings.name)))
+        relay = Relay(app, state, spool)
+    except McdeployError as exc:
+        print(f"mcdeploy-dp: error: {exc}", file=sys.stderr)
+        host.stop()
+        return 2
     runtime.install(runtime.Runtime(settings, host, relay, state, identity))
     dp_fingerprint = fingerprint(identity.public_key())
     control = f"{settings.advertise_host or host.address[0]}:{host.address[1]}"

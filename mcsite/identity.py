@@ -26,6 +26,10 @@ def _data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")) / "mcdeploy"
 
 
+def default_spool_dir(dp_name: str) -> Path:
+    return _data_dir() / f"spool-{dp_name}"
+
+
 def default_key_path(dp_name: str) -> Path:
     return _data_dir() / f"dp-{dp_name}.key"
 

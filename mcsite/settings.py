@@ -120,6 +120,9 @@ class DPSettings(_Component):
                           "(wrapped to its own key, offer signed by this DP's identity).")
     key_file: str = Field("", description="This DP's Ed25519 identity key (created on first start); empty = "
                           "$XDG_DATA_HOME/mcdeploy/dp-<name>.key. Clients pin its fingerprint.")
+    spool_dir: str = Field("", description="Where results wait (one fsynced file each) until the controller has "
+                           "them, surviving Redis outages and agent restarts; empty = "
+                           "$XDG_DATA_HOME/mcdeploy/spool-<name>; 'memory' = not durable.")
     block_symbols: int = Field(128, ge=1, le=255, description="Source symbols per Reed-Solomon block (k; "
                                "k + repairs <= 256). Larger k: less repair overhead, more CPU per block.")
     concurrency: int = Field(4, ge=1, le=64, description="Sessions this agent runs at once.")
