@@ -19,6 +19,7 @@ import sys
 import uuid
 from typing import Any
 
+from clientagent import identity
 from clientagent.impair import Impairment
 from clientagent.net import interface_index, is_multicast, parse_hostport
 from clientagent.output import SPOOL_MEMORY, STDOUT
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", dest="client_id", default=None,
                    help="client identity (default: mac-<MAC address>)")
     p.add_argument("--deployment", default=None, help="join only this deployment")
+    p.add_argument("--mac", default=None,
+                   help="this machine's MAC address as the site knows it (default: the one the OS reports); "
+                   "deployments to a collection admit only the machines they target, by MAC or SMBIOS UUID")
+    p.add_argument("--smbios-uuid", default=None, metavar="UUID",
+                   help="this machine's SMBIOS UUID (default: /sys/class/dmi/id/product_uuid on Linux when "
+                   "readable, else none)")
     p.add_argument("--wait", type=float, default=120.0,
                    help="seconds to wait for a session to be announced/offered (default 120)")
     add_common_arguments(p)
@@ -248,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     if problem is None and args.controller_key is not None and not re.fullmatch(r"[0-9a-fA-F]{64}",
                                                                                 args.controller_key):
         problem = "--controller-key must be the controller's 64-hex-digit public key (see `mcdeploy key`)"
+    mac, smbios_uuid = None, None
+    try:
+        mac = identity.normalize_mac(args.mac) if args.mac else identity.local_mac()
+        smbios_uuid = identity.normalize_uuid(args.smbios_uuid) if args.smbios_uuid else identity.local_smbios_uuid()
+    except ValueError as exc:
+        problem = problem or f"{'--mac' if 'MAC' in str(exc) else '--smbios-uuid'}: {exc}"
     if group is not None and problem is None and not is_multicast(group[0]):
         problem = f"--discover: {group[0]} is not a multicast group address"
     if problem:
@@ -257,6 +270,6 @@ def main(argv: list[str] | None = None) -> int:
                          deployment=args.deployment, wait_s=args.wait, idle_timeout_s=args.idle_timeout,
                          test_loss=args.test_loss / 100.0, test_impair=args.test_impair, seed=args.test_seed,
                          discover=group, dp_key=args.dp_key, controller_key=args.controller_key,
-                         interface=args.interface, **output_options(args))
+                         interface=args.interface, mac=mac, smbios_uuid=smbios_uuid, **output_options(args))
     return run(opts, prog, json_out=args.json, quiet=args.quiet)
 

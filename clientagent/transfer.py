@@ -72,6 +72,8 @@ class ClientOptions:
     # towards the DP for data, the kernel's choice for discovery.
     interface: str | None = None
     agent: str = "mcdeploy-client/0.1"
+    mac: str | None = None  # this machine's identity in the Join (see clientagent.identity)
+    smbios_uuid: str | None = None
     shared_key: bytes | None = None  # standalone: packets sealed under keys derived from it
     dp_key: str | None = None  # pinned fingerprint of the DP's identity (SHA-256 of its public key, hex)
     controller_key: str | None = None  # pinned controller public key (64 hex): the manifest must be signed by it
@@ -131,7 +133,7 @@ def join_session(opts: ClientOptions, sock, dp_addr,  # type: ignore[no-untyped-
     """Ask the DP for a session until offered one, told no, or ``wait_s`` passes."""
     assert opts.dp is not None
     join = codec.encode(Join(client_id=opts.client_id, deployment=opts.deployment, agent=opts.agent[:64],
-                             client_key=client_key))
+                             client_key=client_key, mac=opts.mac, smbios_uuid=opts.smbios_uuid))
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
     deadline = time.monotonic() + opts.wait_s

@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery
 
+from controller.inventory import Inventory
 from mcproto import manifest as mf
 from mcproto.codec import to_body
 from mcproto.errors import ConfigError, NotFoundError
@@ -84,22 +85,36 @@ def parse_manifest(blob_b64: str) -> mf.Manifest:
 
 def deploy(state: State, app: Celery, req: DeployRequest, ctl: ControllerSettings | None = None
            ) -> tuple[str, SessionJob, bool]:
-    """Create a deployment and publish its session job to the DP's queue.
+    """Create a deployment and publish its session job(s) to the DPs' queues.
 
-    Returns (deployment id, job, created).  An unknown image or DP raises
-    :class:`NotFoundError` before anything is written.
+    Returns (deployment id, its first job, created).  An unknown image, DP or collection, an empty
+    collection or a client without a DP raises (:class:`NotFoundError`, :class:`ConfigError`)
+    before anything is written.  See :func:`deploy_all` for every job.
     """
+    dep_id, jobs, created = deploy_all(state, app, req, ctl)
+    return dep_id, jobs[0], created
+
+
+def deploy_all(state: State, app: Celery, req: DeployRequest, ctl: ControllerSettings | None = None
+               ) -> tuple[str, list[SessionJob], bool]:
+    """:func:`deploy` returning every session job (a collection deployment has one per DP)."""
     ctl = ctl or ControllerSettings()
     image = state.get_image(req.image)
+    if req.collection is not None:
+        from controller import deployments
+
+        Inventory(state).members(req.collection)  # unknown collection: say so before anything else
+        image = ensure_manifest(state, image, ctl)
+        return deployments.create(state, app, image, req, ctl)
     known_dps = [n for n, _ in state.list_dps()]
     if req.dp not in known_dps:
         known = ", ".join(known_dps) or "none registered"
         raise NotFoundError(f"unknown DP {req.dp!r} (known: {known}); start it with `mcdeploy-dp --name {req.dp}`")
     image = ensure_manifest(state, image, ctl)
-    dep_id, job, created = state.create_deployment(image, req, ctl)
+    dep_id, jobs, created = state.create_deployment(image, req, ctl)
     if created:
-        app.send_task("dp.open_session", kwargs={"body": to_body(job)})
-    return dep_id, job, created
+        app.send_task("dp.open_session", kwargs={"body": to_body(jobs[0])})
+    return dep_id, jobs, created
 
 
 def summary(dep: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +128,7 @@ def summary(dep: dict[str, Any]) -> dict[str, Any]:
         "expected": int(dep.get("expected", 0)),
         "clients_done": sum(1 for c in clients.values() if c.get("outcome") == "done"),
         "clients_failed": sum(1 for c in clients.values() if c.get("outcome") == "failed"),
+        "clients_cancelled": int(dep.get("clients_cancelled", 0) or 0),
         "bytes_sent": int(dep.get("bytes_sent", 0) or 0),
         "reason": dep.get("reason", ""),
     }

@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from mcproto.errors import McdeployError
+from mcproto.errors import ConfigError, McdeployError
 from mcproto.messages import ALL_MESSAGES, DeployRequest
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -87,30 +87,80 @@ def build_parser() -> argparse.ArgumentParser:
     ish = img.add_parser("show", help="show one image")
     ish.add_argument("name")
 
-    dep = sub.add_parser("deploy", help="deploy an image from a DP")
-    dep.add_argument("image")
-    dep.add_argument("--dp", required=True, help="the DP that multicasts it")
-    dep.add_argument("--clients", type=int, default=0, help="expected clients: start when they joined")
-    dep.add_argument("--start-timeout", type=float, default=60.0,
-                     help="start with whoever joined after this many seconds (default 60)")
-    dep.add_argument("--start-clients", type=int, help="start when this many joined (default: --clients; "
-                     "1 = start as soon as one client is there)")
-    dep.add_argument("--start-at", type=parse_time, help="start at this time (ISO 8601, e.g. 2026-12-01T20:00)")
-    dep.add_argument("--rate", type=float, help="max rate in Mbit/s (default: the DP's)")
-    dep.add_argument("--idempotency-key", help="the same key twice makes one deployment")
-    dep.add_argument("--slow-policy", choices=("hold", "drop", "tier"), default="hold",
-                     help="a client that cannot keep up: hold the session to it (slow down, default), drop it, "
-                     "or move it to a slower stream (tier: 1/3, then 1/10 of the rate)")
-    dep.add_argument("--drop-below", type=float, metavar="MBPS",
-                     help="with --slow-policy drop/tier: a client receiving below this rate (Mbit/s) is slow")
-    dep.add_argument("--min-rate", type=float, metavar="MBPS", help="never slow the session below this (Mbit/s)")
-    dep.add_argument("--slow-grace", type=float, default=2.0, metavar="S",
-                     help="how long a client may stay below --drop-below before it is dropped or moved (default 2)")
-    dep.add_argument("--unicast-fallback", action="store_true",
-                     help="tell dropped clients they may fetch the image by unicast")
-    dep.add_argument("--no-encrypt", dest="encrypt", action="store_false",
-                     help="send this deployment's packets in the clear, unauthenticated (default: sealed when "
-                     "the DP has an identity; manifest checks still apply)")
+    dep = sub.add_parser(
+        "deploy", help="deployments: create (also `deploy IMAGE --dp DP --clients N`), list, show, cancel, retry, "
+        "report", description="`mcdeploy deploy IMAGE ...` is short for `mcdeploy deploy create IMAGE ...`."
+    ).add_subparsers(dest="deploy_cmd", required=True, metavar="ACTION")
+    dc = dep.add_parser("create", help="deploy an image to a collection (one session per DP its clients map to) "
+                        "or to any N clients of one DP")
+    _add_deploy_options(dc)
+    dl = dep.add_parser("list", help="deployments, newest first")
+    dl.add_argument("--json", action="store_true")
+    dsh = dep.add_parser("show", help="one deployment: states with timings, sessions, every client")
+    dsh.add_argument("deployment")
+    dsh.add_argument("--json", action="store_true")
+    dca = dep.add_parser("cancel", help="stop a deployment: its DPs abort their sessions, its clients are cancelled")
+    dca.add_argument("deployment")
+    dca.add_argument("--reason", default="cancelled by the operator")
+    dre = dep.add_parser("retry", help="new sessions for the clients of an ended deployment that failed "
+                         "(or were cancelled)")
+    dre.add_argument("deployment")
+    drp = dep.add_parser("report", help="a deployment's report: one row per client (state, reason, timings)")
+    drp.add_argument("deployment")
+    drp.add_argument("--format", choices=("csv", "json"), default="csv")
+    drp.add_argument("--output", "-o", metavar="FILE", help="write it here (default: stdout)")
+
+    cl = sub.add_parser("client", help="client machines (by MAC and SMBIOS UUID)").add_subparsers(
+        dest="client_cmd", required=True, metavar="ACTION")
+    ca = cl.add_parser("add", help="add a client (the same identity again is a no-op)")
+    ca.add_argument("name")
+    ca.add_argument("--mac", help="its MAC address")
+    ca.add_argument("--uuid", dest="smbios_uuid", help="its SMBIOS UUID")
+    ca.add_argument("--ip", help="its last-known address (boundary groups map it to a DP); learnt from results too")
+    ca.add_argument("--collection", help="also add it to this collection")
+    cli_ = cl.add_parser("list", help="list clients")
+    cli_.add_argument("--json", action="store_true")
+    csh = cl.add_parser("show", help="show one client")
+    csh.add_argument("name")
+    crm = cl.add_parser("remove", help="remove a client (and from every collection)")
+    crm.add_argument("name")
+    cim = cl.add_parser("import", help="import clients from a CSV: name,mac,uuid[,collection] (header optional); "
+                        "any bad row (reported by line) means nothing is imported")
+    cim.add_argument("file")
+    cim.add_argument("--collection", help="also put every imported client into this collection")
+
+    co = sub.add_parser("collection", help="collections: named sets of clients").add_subparsers(
+        dest="collection_cmd", required=True, metavar="ACTION")
+    cc = co.add_parser("create", help="create a collection")
+    cc.add_argument("name")
+    col = co.add_parser("list", help="list collections")
+    col.add_argument("--json", action="store_true")
+    cs = co.add_parser("show", help="a collection's clients")
+    cs.add_argument("name")
+    cs.add_argument("--json", action="store_true")
+    cad = co.add_parser("add", help="add existing clients to a collection")
+    cad.add_argument("name")
+    cad.add_argument("clients", nargs="+")
+    crem = co.add_parser("remove", help="remove clients from a collection")
+    crem.add_argument("name")
+    crem.add_argument("clients", nargs="+")
+    cdel = co.add_parser("delete", help="delete a collection (its clients stay)")
+    cdel.add_argument("name")
+    cimp = co.add_parser("import", help="import clients from a CSV (name,mac,uuid[,collection]) into a collection")
+    cimp.add_argument("name")
+    cimp.add_argument("file")
+
+    bo = sub.add_parser("boundary", help="boundary groups: client subnets -> DPs").add_subparsers(
+        dest="boundary_cmd", required=True, metavar="ACTION")
+    ba = bo.add_parser("add", help="map subnets to DPs in fallback order (overlapping another group is refused)")
+    ba.add_argument("name")
+    ba.add_argument("--subnet", action="append", required=True, metavar="CIDR",
+                    help="IPv4 or IPv6 subnet, e.g. 10.1.0.0/16 or 2001:db8:1::/48 (repeat, or comma-separate)")
+    ba.add_argument("--dp", required=True, metavar="DP[,DP2...]", help="DPs in fallback order")
+    bl = bo.add_parser("list", help="list boundary groups")
+    bl.add_argument("--json", action="store_true")
+    br = bo.add_parser("remove", help="remove a boundary group")
+    br.add_argument("name")
 
     st = sub.add_parser("status", help="deployments, or one deployment's clients")
     st.add_argument("deployment", nargs="?")
@@ -134,6 +184,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEPLOY_ACTIONS = ("create", "list", "show", "cancel", "retry", "report", "-h", "--help")
+
+
+def parse_duration(text: str) -> float:
+    """'90m', '2h', '1d', '45s', '3600' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 90m, 2h or 3600)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _add_deploy_options(dep: argparse.ArgumentParser) -> None:
+    dep.add_argument("image")
+    dep.add_argument("--collection", help="deploy to exactly the clients of this collection (one session per DP "
+                     "their boundary groups map them to; only they are offered the session)")
+    dep.add_argument("--dp", help="the DP that multicasts it (with --collection: the DP of clients whose address "
+                     "is unknown or in no boundary group)")
+    dep.add_argument("--clients", type=int, default=0, help="without --collection: expected clients, start when "
+                     "they joined")
+    dep.add_argument("--deadline", type=parse_duration, default=4 * 3600.0, metavar="DURATION",
+                     help="give up on clients still receiving this long after a session opened (e.g. 90m; "
+                     "default 4h)")
+    dep.add_argument("--start-timeout", type=float, default=60.0,
+                     help="start with whoever joined after this many seconds (default 60)")
+    dep.add_argument("--start-clients", type=int, help="start when this many joined (default: --clients, or every "
+                     "targeted client of the DP; 1 = start as soon as one client is there)")
+    dep.add_argument("--start-at", type=parse_time, help="start at this time (ISO 8601, e.g. 2026-12-01T20:00)")
+    dep.add_argument("--rate", type=float, help="max rate in Mbit/s (default: the DP's)")
+    dep.add_argument("--idempotency-key", help="the same key twice makes one deployment")
+    dep.add_argument("--slow-policy", choices=("hold", "drop", "tier"), default="hold",
+                     help="a client that cannot keep up: hold the session to it (slow down, default), drop it, "
+                     "or move it to a slower stream (tier: 1/3, then 1/10 of the rate)")
+    dep.add_argument("--drop-below", type=float, metavar="MBPS",
+                     help="with --slow-policy drop/tier: a client receiving below this rate (Mbit/s) is slow")
+    dep.add_argument("--min-rate", type=float, metavar="MBPS", help="never slow the session below this (Mbit/s)")
+    dep.add_argument("--slow-grace", type=float, default=2.0, metavar="S",
+                     help="how long a client may stay below --drop-below before it is dropped or moved (default 2)")
+    dep.add_argument("--unicast-fallback", action="store_true",
+                     help="tell dropped clients they may fetch the image by unicast")
+    dep.add_argument("--no-encrypt", dest="encrypt", action="store_false",
+                     help="send this deployment's packets in the clear, unauthenticated (default: sealed when "
+                     "the DP has an identity; manifest checks still apply)")
+
+
 def _state() -> Any:
     from mcsite.settings import SiteSettings
     from mcsite.site import resolve_redis_url
@@ -147,6 +241,9 @@ def _state() -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "deploy" and argv[1] not in DEPLOY_ACTIONS:
+        argv.insert(1, "create")  # the short form: mcdeploy deploy IMAGE --dp DP --clients N
     args = build_parser().parse_args(argv)
     console = Console()
     try:
@@ -203,27 +300,14 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.cmd == "image":
         return _image(args, state, console)
     if args.cmd == "deploy":
-        from controller import api
         from mcsite.celeryapp import app, configure
 
         configure(app, url)
-        req = DeployRequest(image=args.image, dp=args.dp, clients=args.clients,
-                            start_timeout_s=args.start_timeout, start_clients=args.start_clients,
-                            start_at=args.start_at, max_rate_mbps=args.rate, slow_policy=args.slow_policy,
-                            drop_below_mbps=args.drop_below, min_rate_mbps=args.min_rate,
-                            slow_grace_s=args.slow_grace,
-                            unicast_fallback=args.unicast_fallback, encrypt=args.encrypt,
-                            idempotency_key=args.idempotency_key)
-        if not args.encrypt:
-            console.print("[bold red]WARNING[/]: this deployment is NOT ENCRYPTED: the image crosses the network "
-                          "in the clear and its packets are not authenticated (the signed manifest still guards "
-                          "what clients commit)")
-        dep_id, job, created = api.deploy(state, app, req)
-        verb = "created" if created else "already exists (same idempotency key)"
-        console.print(f"deployment {dep_id} {verb}: image {args.image} from DP {args.dp} on "
-                      f"{job.group}:{job.port}, expecting {args.clients} client(s)")
-        print(dep_id)
-        return 0
+        return _deploy(args, state, app, console)
+    if args.cmd in ("client", "collection", "boundary"):
+        from controller import inventory_cli
+
+        return inventory_cli.run(args, state, console)
     if args.cmd == "status":
         return _status(args, state, console)
     if args.cmd == "dp":
@@ -301,4 +385,108 @@ def _status(args: argparse.Namespace, state: Any, console: Console) -> int:
                       f"{r['seconds']:.2f}" if r else "-", (r.get("sha256") or "-")[:16] if r else "-",
                       r.get("reason", "") if r else "")
     console.print(table)
+    return 0
+
+
+def _deploy(args: argparse.Namespace, state: Any, app: Any, console: Console) -> int:
+    from controller import api, deployments
+
+    if args.deploy_cmd == "create":
+        if not args.collection and not args.dp:
+            raise ConfigError("give --collection COLLECTION, or --dp DP (with --clients N for any N clients)")
+        if args.collection and args.clients:
+            raise ConfigError("--clients is for deployments without --collection (a collection names its clients)")
+        try:
+            req = DeployRequest(image=args.image, dp=args.dp, collection=args.collection, clients=args.clients,
+                                start_timeout_s=args.start_timeout, start_clients=args.start_clients,
+                                start_at=args.start_at, max_rate_mbps=args.rate, slow_policy=args.slow_policy,
+                                drop_below_mbps=args.drop_below, min_rate_mbps=args.min_rate,
+                                slow_grace_s=args.slow_grace, unicast_fallback=args.unicast_fallback,
+                                encrypt=args.encrypt, idempotency_key=args.idempotency_key,
+                                deadline_s=args.deadline)
+        except ValueError as exc:
+            raise ConfigError(f"bad deployment: {_first_error(exc)}") from None
+        if not args.encrypt:
+            console.print("[bold red]WARNING[/]: this deployment is NOT ENCRYPTED: the image crosses the network "
+                          "in the clear and its packets are not authenticated (the signed manifest still guards "
+                          "what clients commit)")
+        dep_id, jobs, created = api.deploy_all(state, app, req)
+        verb = "created" if created else "already exists (same idempotency key)"
+        if args.collection:
+            where = ", ".join(f"{j.dp} ({len(j.targets or [])} client(s) on {j.group}:{j.port})" for j in jobs)
+            console.print(f"deployment {dep_id} {verb}: image {args.image} to collection {args.collection}: "
+                          f"{sum(len(j.targets or []) for j in jobs)} client(s) in {len(jobs)} session(s): {where}")
+        else:
+            console.print(f"deployment {dep_id} {verb}: image {args.image} from DP {args.dp} on "
+                          f"{jobs[0].group}:{jobs[0].port}, expecting {args.clients} client(s)")
+        print(dep_id)
+        return 0
+    if args.deploy_cmd == "list":
+        return _status(argparse.Namespace(deployment=None, json=args.json), state, console)
+    if args.deploy_cmd == "show":
+        return _show(args, state, console)
+    if args.deploy_cmd == "cancel":
+        told = deployments.cancel(state, app, args.deployment, args.reason)
+        if told is None:
+            console.print(f"deployment {args.deployment} was already cancelled")
+        else:
+            console.print(f"deployment {args.deployment} cancelled: {told} session(s) told to stop")
+        return 0
+    if args.deploy_cmd == "retry":
+        names, jobs = deployments.retry(state, app, args.deployment)
+        console.print(f"deployment {args.deployment}: retrying {len(names)} client(s) ({', '.join(names[:10])}"
+                      f"{' ...' if len(names) > 10 else ''}) in {len(jobs)} new session(s), attempt {jobs[0].attempt}")
+        return 0
+    if args.deploy_cmd == "report":
+        rep = deployments.report(state, args.deployment)
+        text = deployments.report_csv(rep) if args.format == "csv" else deployments.report_json(rep) + "\n"
+        if args.output:
+            try:
+                with open(args.output, "w", encoding="utf-8", newline="") as fh:
+                    fh.write(text)
+            except OSError as exc:
+                raise ConfigError(f"cannot write {args.output}: {exc.strerror}") from None
+            console.print(f"report of {args.deployment} written to {args.output} ({len(rep['clients'])} client(s))")
+        else:
+            sys.stdout.write(text)
+        return 0
+    return 2
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        return f"{loc + ': ' if loc else ''}{first.get('msg', exc)}"
+    return str(exc).splitlines()[0]
+
+
+def _show(args: argparse.Namespace, state: Any, console: Console) -> int:
+    from controller import deployments
+
+    rep = deployments.report(state, args.deployment)
+    if args.json:
+        print(deployments.report_json(rep))
+        return 0
+    d = rep["deployment"]
+    target = f"collection {d['collection']}" if d.get("collection") else f"any {d['expected']} client(s)"
+    console.print(f"deployment {d['id']}: [bold]{d['state']}[/] — image {d['image']} to {target} via DP(s) {d['dp']}; "
+                  f"{d.get('clients_done', 0)}/{d['expected']} done, {d.get('clients_failed', 0)} failed, "
+                  f"{d.get('clients_cancelled', 0)} cancelled; attempt {d.get('attempt', 1)}"
+                  + (f" — {d['reason']}" if d.get("reason") else ""))
+    t0 = float(d.get("created_at") or 0)
+    console.print("  timings: " + ", ".join(f"{s} +{v - t0:.2f}s" for s, v in d["timings"].items()))
+    st = Table("session", "DP", "attempt", "state", "clients", "group", "reason")
+    for s in rep["sessions"]:
+        st.add_row(f"{int(s['id']):x}", s["dp"], s.get("attempt", "1"), s["state"], s.get("clients", ""),
+                   f"{s.get('group')}:{s.get('port')}", s.get("reason", ""))
+    console.print(st)
+    ct = Table("client", "DP", "state", "joined", "ended", "seconds", "reason")
+    for r in rep["clients"]:
+        def rel(v: Any) -> str:
+            return f"+{float(v) - t0:.2f}s" if v not in ("", None) else "-"
+        ct.add_row(r["client"], r["dp"], r["state"], rel(r["joined_at"]), rel(r["ended_at"]),
+                   f"{float(r['seconds']):.2f}" if r["seconds"] != "" else "-", r["reason"])
+    console.print(ct)
     return 0

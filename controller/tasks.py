@@ -44,14 +44,33 @@ def client_result(body: Any) -> dict[str, Any]:
     return {"recorded": new}
 
 
+# A session's client results travel before its final report, but the controller worker handles
+# messages concurrently: the clients of an ended collection session that still have no result are
+# failed only this long after its final report, once results in flight have landed.
+CLOSE_DELAY_S = 2.0
+
+
 @app.task(name="controller.session_report")
 def session_report(body: Any) -> dict[str, Any]:
     """Advance a deployment's state from its DP's session report."""
     rep = from_body(SessionReport, body)
     moved = state().record_session_report(rep)
-    log.info("session report deployment=%s state=%s moved=%s %s", rep.deployment, rep.state, moved,
-             rep.reason)
+    log.info("session report deployment=%s state=%s moved=%s joined=%d %s", rep.deployment, rep.state, moved,
+             len(rep.joined), rep.reason)
+    if rep.state in ("finished", "failed"):
+        app.send_task("controller.session_closed", kwargs={"body": body}, countdown=CLOSE_DELAY_S)
     return {"advanced": moved}
+
+
+@app.task(name="controller.session_closed")
+def session_closed(body: Any) -> dict[str, Any]:
+    """An ended session's targeted clients without a result are failed (idempotent)."""
+    rep = from_body(SessionReport, body)
+    failed = state().close_session(rep)
+    if failed:
+        log.info("session closed deployment=%s session=%x: %d client(s) without a result failed", rep.deployment,
+                 rep.session_id, failed)
+    return {"failed": failed}
 
 
 @app.task(name="controller.deploy")
@@ -59,5 +78,6 @@ def deploy(body: Any) -> dict[str, Any]:
     """Create a deployment from a queue message (see ``mcdeploy schema`` for the body)."""
     req = from_body(DeployRequest, body)
     dep_id, _job, created = api.deploy(state(), app, req)
-    log.info("deploy trigger image=%s dp=%s deployment=%s created=%s", req.image, req.dp, dep_id, created)
+    log.info("deploy trigger image=%s dp=%s collection=%s deployment=%s created=%s", req.image, req.dp,
+             req.collection, dep_id, created)
     return {"deployment": dep_id, "created": created}

@@ -16,9 +16,10 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from clientagent.identity import normalize_mac, normalize_uuid
 from mcproto import codec
 from mcproto.errors import ConfigError, MessageError
-from mcproto.messages import Done, Failed, Join, ManifestGet, Message, NoSession, Status
+from mcproto.messages import Done, Failed, Join, ManifestGet, Message, NoSession, Status, Target
 
 if TYPE_CHECKING:
     from dpagent.session import SessionRunner
@@ -28,6 +29,50 @@ log = logging.getLogger("mcdeploy.dp.host")
 LOG_EVERY_S = 10.0
 CLIENT_MESSAGES = (Join, Status, Done, Failed, ManifestGet)
 LINGER_S = 120.0  # finished sessions still re-acknowledge late results this long
+NOT_TARGETED = "not targeted by any deployment on this DP"
+NOT_TARGETED_RETRY_MS = 5000
+
+
+def _canon(fn: object, text: str | None) -> str | None:
+    try:
+        return fn(text) if text else None  # type: ignore[operator]
+    except ValueError:
+        return None
+
+
+class Targeting:
+    """Which clients a session admits: any (anonymous deployments) or the targets its job lists.
+
+    A Join matches a target by its client id (the target's name), its MAC or its SMBIOS UUID.  The
+    match is remembered so the session's results and progress carry the target's name.
+    """
+
+    def __init__(self, targets: list[Target] | None) -> None:
+        self.any = targets is None
+        self._by_name = {t.name: t.name for t in targets or []}
+        self._by_mac = {t.mac: t.name for t in targets or [] if t.mac}
+        self._by_uuid = {t.smbios_uuid: t.name for t in targets or [] if t.smbios_uuid}
+        self._joined: dict[str, str] = {}  # join client id -> target name
+        self.address: dict[str, str] = {}  # target name -> the address it joined from
+        self._lock = threading.Lock()
+
+    def match(self, join: Join) -> str | None:
+        """The target this Join is (its name), "" for anyone on an anonymous session, None if not admitted."""
+        if self.any:
+            return ""
+        mac, smbios_uuid = _canon(normalize_mac, join.mac), _canon(normalize_uuid, join.smbios_uuid)
+        return (self._by_uuid.get(smbios_uuid or "") or self._by_mac.get(mac or "")
+                or self._by_name.get(join.client_id))
+
+    def admit(self, join: Join, name: str, address: str) -> None:
+        with self._lock:
+            if name:
+                self._joined[join.client_id] = name
+                self.address[name] = address
+
+    def name_of(self, client_id: str) -> str:
+        with self._lock:
+            return self._joined.get(client_id, client_id)
 
 
 class SessionHost:
@@ -56,6 +101,8 @@ class SessionHost:
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
         self._sessions: dict[int, SessionRunner] = {}
         self._finished: dict[int, tuple[float, SessionRunner]] = {}
+        self._targeting: dict[int, Targeting] = {}
+        self._cancelled: dict[int, str] = {}  # sessions cancelled before (or while) they registered
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -80,14 +127,34 @@ class SessionHost:
             self._thread.join(timeout=2)
         self.sock.close()
 
-    def register(self, runner: SessionRunner) -> None:
+    def register(self, runner: SessionRunner, targeting: Targeting | None = None) -> None:
         with self._lock:
             self._sessions[runner.session_id] = runner
+            self._targeting[runner.session_id] = targeting or Targeting(None)
+            cancelled = self._cancelled.get(runner.session_id)
+        if cancelled is not None:
+            runner.abort(cancelled)
 
     def unregister(self, runner: SessionRunner) -> None:
         with self._lock:
             self._sessions.pop(runner.session_id, None)
             self._finished[runner.session_id] = (time.monotonic(), runner)
+
+    def cancel(self, session_id: int, reason: str) -> bool:
+        """Abort a session (now, or as soon as it registers); returns whether it was running here."""
+        with self._lock:
+            self._cancelled[session_id] = reason
+            if len(self._cancelled) > 10_000:
+                self._cancelled.pop(next(iter(self._cancelled)))
+            runner = self._sessions.get(session_id)
+        if runner is not None:
+            log.info("session %x cancelled: %s", session_id, reason)
+            runner.abort(reason)
+        return runner is not None
+
+    def cancelled(self, session_id: int) -> str | None:
+        with self._lock:
+            return self._cancelled.get(session_id)
 
     def has_session(self, session_id: int) -> bool:
         with self._lock:
@@ -131,10 +198,9 @@ class SessionHost:
             self._bad(addr, str(exc))
             return
         if isinstance(msg, Join):
-            runner = self._pick(msg)
+            runner, refusal = self._pick(msg, addr)
             if runner is None:
-                self.reply(NoSession(reason=f"no session on DP {self.name} for client {msg.client_id}",
-                                     retry_after_ms=2000), addr)
+                self.reply(refusal, addr)
                 return
         else:
             with self._lock:
@@ -146,14 +212,27 @@ class SessionHost:
                 return
         runner.handle_inbound(msg, addr)
 
-    def _pick(self, join: Join) -> SessionRunner | None:
-        """The session a joining client belongs to: its deployment's, else the one waiting longest."""
+    def _pick(self, join: Join, addr: tuple[str, int]) -> tuple[SessionRunner | None, NoSession]:
+        """The session a joining client belongs to, or why none.
+
+        Only sessions that admit it count (collection sessions admit their targets only); of those,
+        one that knows it already, then a targeted one, then the one waiting longest.
+        """
         with self._lock:
-            runners = [r for r in self._sessions.values() if not r.finished]
+            runners = [(r, self._targeting.get(r.session_id) or Targeting(None))
+                       for r in self._sessions.values() if not r.finished]
         if join.deployment:
-            runners = [r for r in runners if r.deployment == join.deployment]
-        runners.sort(key=lambda r: (not r.knows(join.client_id), r.opened_at))
-        return runners[0] if runners else None
+            runners = [(r, t) for r, t in runners if r.deployment == join.deployment]
+        if not runners:
+            return None, NoSession(reason=f"no session on DP {self.name} for client {join.client_id}",
+                                   retry_after_ms=2000)
+        admitted = [(r, t, name) for r, t in runners if (name := t.match(join)) is not None]
+        if not admitted:
+            return None, NoSession(reason=NOT_TARGETED, retry_after_ms=NOT_TARGETED_RETRY_MS)
+        admitted.sort(key=lambda x: (not x[0].knows(join.client_id), x[2] == "", x[0].opened_at))
+        runner, targeting, name = admitted[0]
+        targeting.admit(join, name, str(addr[0]))
+        return runner, NoSession(reason="")
 
     def _bad(self, addr: tuple[str, int], why: str) -> None:
         self.bad_datagrams += 1
@@ -170,3 +249,4 @@ class SessionHost:
         with self._lock:
             for sid in [s for s, (t, _) in self._finished.items() if now - t > LINGER_S]:
                 del self._finished[sid]
+                self._targeting.pop(sid, None)

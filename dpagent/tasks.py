@@ -11,20 +11,67 @@ shows it, with ``task-progress`` events carrying the session's figures.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
 from dpagent import runtime
+from dpagent.host import Targeting
 from dpagent.session import SessionRunner
 from dpagent.staging import verify_content
 from mcproto.codec import from_body
 from mcproto.errors import McdeployError, MessageError
-from mcproto.messages import SessionJob, SessionReport
+from mcproto.messages import CancelSession, ClientResult, Message, SessionJob, SessionReport
 from mcsite.celeryapp import app
 
 log = logging.getLogger("mcdeploy.dp.tasks")
 
 LEASE_TTL_S = 30.0
+class SessionRelay:
+    """The DP's relay as one session sees it: names targeted clients by their target name.
+
+    A client of a collection deployment joins with its own id (and MAC/UUID); results and progress
+    reach the controller under the name the site knows it by, with the address it joined from, and
+    clients that joined since the last report are announced (``SessionReport.joined``).
+    """
+
+    def __init__(self, relay: Any, job: SessionJob, targeting: Targeting) -> None:
+        self._relay = relay
+        self._job = job
+        self._targeting = targeting
+        self._state = "waiting"
+        self._announced: set[str] = set()
+        self._lock = threading.Lock()
+
+    def send(self, msg: Message) -> bool:
+        if isinstance(msg, ClientResult) and not self._targeting.any:
+            name = self._targeting.name_of(msg.client_id)
+            msg = msg.model_copy(update={"client_id": name,
+                                         "address": self._targeting.address.get(name, msg.address)[:128]})
+        elif isinstance(msg, SessionReport):
+            self._state = msg.state
+        return bool(self._relay.send(msg))
+
+    def progress(self, deployment: str, per_client: dict[str, int]) -> None:
+        named = {self._targeting.name_of(c): v for c, v in per_client.items()}
+        self._relay.progress(deployment, named)
+        if self._targeting.any:
+            return
+        with self._lock:
+            new = sorted(set(named) - self._announced)
+            self._announced.update(new)
+        if new and self._state in ("waiting", "transferring"):
+            job = self._job
+            self._relay.send(SessionReport(deployment=job.deployment, session_id=job.session_id, dp=job.dp,
+                                           state=self._state, joined=new))
+
+    def flush(self) -> bool:
+        return bool(self._relay.flush())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._relay, name)
+
+
 PROGRESS_FIELDS = ("clients_joined", "clients_done", "clients_failed", "bytes_sent", "rate_mbps", "percent",
                    "session_state")
 
@@ -38,16 +85,21 @@ def open_session(self: Any, body: Any) -> dict[str, Any]:
         raise MessageError(f"job for DP {job.dp!r} reached DP {rt.settings.name!r}")
     if rt.host.has_session(job.session_id):
         return {"state": "duplicate", "reason": "session already running or finished on this DP"}
+    if rt.host.cancelled(job.session_id) or rt.state.session_state(job.session_id) == "cancelled":
+        return {"state": "cancelled", "reason": "the deployment was cancelled before the session opened"}
     holder = f"{rt.settings.name}:{self.request.hostname or ''}"
     fence = rt.state.acquire_lease(job.session_id, holder, LEASE_TTL_S)
     if fence is None:
         return {"state": "duplicate", "reason": "session lease held by another sender"}
+    targeting = Targeting(job.targets)
+    relay = SessionRelay(rt.relay, job, targeting)
 
     def report(state: str, reason: str = "") -> None:
-        rt.relay.send(SessionReport(deployment=job.deployment, session_id=job.session_id, dp=job.dp,
-                                    state=state, reason=reason[:500]))
+        relay.send(SessionReport(deployment=job.deployment, session_id=job.session_id, dp=job.dp,
+                                 state=state, reason=reason[:500]))
 
     try:
+        report("staging")
         problem = verify_content(job.image)
         if problem:
             log.error("session refused deployment=%s: %s", job.deployment, problem)
@@ -68,9 +120,9 @@ def open_session(self: Any, body: Any) -> dict[str, Any]:
         advertised = rt.settings.advertise_host or rt.host.address[0]
         if advertised in ("0.0.0.0", "::"):
             advertised = ""  # clients take the announce's source address
-        runner = SessionRunner(job, rt.settings, rt.host.reply, rt.relay, progress,
+        runner = SessionRunner(job, rt.settings, rt.host.reply, relay, progress,
                                control=(advertised, rt.host.address[1]), identity=rt.identity, epoch=fence)
-        rt.host.register(runner)
+        rt.host.register(runner, targeting)
         report("waiting")
         log.info("session open deployment=%s session=%x group=%s:%d image=%s expected=%d",
                  job.deployment, job.session_id, job.group, job.port, job.image.name, job.expected_clients)
@@ -82,8 +134,20 @@ def open_session(self: Any, body: Any) -> dict[str, Any]:
             return {"state": "failed", "reason": str(exc)}
         finally:
             rt.host.unregister(runner)
-        rt.relay.send(runner.final_report())
+        relay.send(runner.final_report())
         return {"state": "finished", **stats}
     finally:
         rt.state.release_lease(job.session_id, holder, fence)
 
+
+
+@app.task(name="dp.cancel_session")
+def cancel_session(body: Any) -> dict[str, Any]:
+    """Abort a session of this DP (its clients are failed with the reason); idempotent."""
+    msg = from_body(CancelSession, body)
+    rt = runtime.current()
+    if msg.dp != rt.settings.name:
+        raise MessageError(f"cancel for DP {msg.dp!r} reached DP {rt.settings.name!r}")
+    running = rt.host.cancel(msg.session_id, msg.reason)
+    log.info("cancel deployment=%s session=%x running=%s: %s", msg.deployment, msg.session_id, running, msg.reason)
+    return {"cancelled": True, "was_running": running}

@@ -8,7 +8,7 @@ reused; unknown fields are rejected.  Two families live here:
   ``Join``, ``Offer``, ``NoSession``, ``ManifestGet``/``ManifestPart``, ``Status``, ``Done``,
   ``Failed``, ``Ack``;
 * control plane (Celery task bodies between controller and DP agents):
-  ``DeployRequest``, ``SessionJob``, ``ClientResult``, ``SessionReport``.
+  ``DeployRequest``, ``SessionJob``, ``CancelSession``, ``ClientResult``, ``SessionReport``.
 
 Task bodies stay plain JSON-compatible values (Flower renders them as JSON).
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from mcproto import PROTOCOL_VERSION
 
@@ -197,11 +197,17 @@ class DeployRequest(Message):
     ``slow_policy`` "hold" (the session slows to the slowest, down to ``min_rate_mbps``), "drop"
     (a client receiving below ``drop_below_mbps`` is dropped, and told if ``unicast_fallback``) or
     "tier" (such a client moves to a slower stream: 1/3, then 1/10 of the rate, WDS multistream).
+
+    Two forms: ``dp`` + ``clients`` (any N clients that join that DP), or ``collection`` (exactly
+    the clients of that collection, one session per DP their boundary groups map them to; ``dp``
+    then serves the clients whose address is unknown or in no boundary group).  ``deadline_s``:
+    a session gives up on clients still receiving that long after it opened.
     """
 
     type: Literal["deploy_request"] = "deploy_request"
     image: Name
-    dp: Name
+    dp: Name | None = None
+    collection: Name | None = None
     clients: Annotated[int, Field(ge=0, le=100_000)] = 0
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     start_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
@@ -215,6 +221,24 @@ class DeployRequest(Message):
     unicast_fallback: bool = False
     # False: send this deployment's packets in the clear (e.g. a lab without a DP identity pinned).
     encrypt: bool = True
+    deadline_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = 4 * 3600.0
+
+    @model_validator(mode="after")
+    def _target(self) -> DeployRequest:
+        if self.dp is None and self.collection is None:
+            raise ValueError("a deployment needs a collection, or a DP and a client count (dp)")
+        if self.collection is not None and self.clients:
+            raise ValueError("clients (a count) is for deployments without a collection")
+        return self
+
+
+class Target(Message):
+    """A client a collection deployment targets: its name and the identities it may join by."""
+
+    type: Literal["target"] = "target"
+    name: Name
+    mac: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")] | None = None
+    smbios_uuid: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$")] | None = None
 
 
 class Tier(Message):
@@ -267,6 +291,19 @@ class SessionJob(Message):
     deadline_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = 4 * 3600.0
     # False: this deployment's packets go in the clear (the DP logs it loudly, results say so).
     encrypt: bool = True
+    # Collection deployments: only these clients get an offer (None: any client, the anonymous form).
+    targets: Annotated[list[Target], Field(max_length=100_000)] | None = None
+    attempt: Annotated[int, Field(ge=1, le=1000)] = 1
+
+
+class CancelSession(Message):
+    """Controller -> DP agent (task ``dp.cancel_session``): abort a session (its clients are failed)."""
+
+    type: Literal["cancel_session"] = "cancel_session"
+    deployment: Name
+    session_id: SessionId
+    dp: Name
+    reason: Reason = "cancelled by the operator"
 
 
 class ClientResult(Message):
@@ -292,8 +329,10 @@ class SessionReport(Message):
     deployment: Name
     session_id: SessionId
     dp: Name
-    state: Literal["waiting", "transferring", "finished", "failed"]
+    state: Literal["staging", "waiting", "transferring", "finished", "failed"]
     reason: Reason = ""
+    # Targeted clients (by name) that joined since the last report (collection deployments).
+    joined: Annotated[list[Name], Field(max_length=10_000)] = []
     clients_joined: Annotated[int, Field(ge=0)] = 0
     clients_done: Annotated[int, Field(ge=0)] = 0
     clients_failed: Annotated[int, Field(ge=0)] = 0
@@ -303,5 +342,5 @@ class SessionReport(Message):
 
 SESSION_PLANE: tuple[type[Message], ...] = (Announce, Join, Offer, NoSession, Status, Done, Failed, Drop, Ack,
                                             ManifestGet, ManifestPart)
-CONTROL_PLANE: tuple[type[Message], ...] = (DeployRequest, SessionJob, ClientResult, SessionReport)
-ALL_MESSAGES: tuple[type[Message], ...] = (*SESSION_PLANE, *CONTROL_PLANE, ImageRef, Tier)
+CONTROL_PLANE: tuple[type[Message], ...] = (DeployRequest, SessionJob, CancelSession, ClientResult, SessionReport)
+ALL_MESSAGES: tuple[type[Message], ...] = (*SESSION_PLANE, *CONTROL_PLANE, ImageRef, Tier, Target)

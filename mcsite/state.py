@@ -9,6 +9,7 @@ new (one Lua script does check-and-count atomically).
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from typing import Any
@@ -17,11 +18,13 @@ import msgpack
 import redis
 
 from mcproto.errors import ConfigError, NotFoundError
-from mcproto.messages import ClientResult, DeployRequest, ImageRef, SessionJob, SessionReport, Tier
+from mcproto.messages import ClientResult, DeployRequest, ImageRef, SessionJob, SessionReport, Target, Tier
 from mcsite.keys import Keys
 from mcsite.settings import ControllerSettings
 
-_ORDER = {"created": 0, "waiting": 1, "transferring": 2, "finished": 3, "failed": 3, "cancelled": 3}
+_ORDER = {"created": 0, "staging": 1, "waiting": 2, "transferring": 3, "finished": 4, "failed": 4,
+          "cancelled": 4}
+TERMINAL = ("finished", "failed", "cancelled")
 
 # KEYS: clients hash, deployment hash.  ARGV: client id, packed result, outcome, now.
 # Records a client's first terminal result; counts it; finishes the deployment
@@ -36,7 +39,8 @@ local failed = tonumber(redis.call('HGET', KEYS[2], 'clients_failed') or '0')
 local state = redis.call('HGET', KEYS[2], 'state')
 if expected > 0 and done + failed >= expected and state ~= 'finished' and state ~= 'failed'
    and state ~= 'cancelled' then
-  redis.call('HSET', KEYS[2], 'state', failed > 0 and 'failed' or 'finished',
+  local final = failed > 0 and 'failed' or 'finished'
+  redis.call('HSET', KEYS[2], 'state', final, final .. '_at', ARGV[4],
              'finished_at', ARGV[4], 'reason', failed > 0 and (failed .. ' client(s) failed') or '')
 end
 return 1
@@ -45,16 +49,97 @@ return 1
 # KEYS: deployment hash.  ARGV: new state, order of new state, now, then field/value pairs.
 # Moves the deployment's state only forward, and never out of a terminal state.
 _ADVANCE = """
-local order = {created=0, waiting=1, transferring=2, finished=3, failed=3, cancelled=3}
+local order = {created=0, staging=1, waiting=2, transferring=3, finished=4, failed=4, cancelled=4}
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return 0 end
-if (order[cur] or 0) >= 3 or (order[cur] or 0) >= tonumber(ARGV[2]) then
+if (order[cur] or 0) >= 4 or (order[cur] or 0) >= tonumber(ARGV[2]) then
   if #ARGV > 3 then redis.call('HSET', KEYS[1], unpack(ARGV, 4)) end
   return 0
+end
+-- Reports may be handled out of order: a state skipped over is stamped with the same time.
+local names = {'staging', 'waiting', 'transferring'}
+for i, name in ipairs(names) do
+  if i > (order[cur] or 0) and i < tonumber(ARGV[2]) then redis.call('HSETNX', KEYS[1], name .. '_at', ARGV[3]) end
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], ARGV[1] .. '_at', ARGV[3])
 if #ARGV > 3 then redis.call('HSET', KEYS[1], unpack(ARGV, 4)) end
 return 1
+"""
+
+# Per-client states of a collection deployment (JSON records in the targets hash).
+# KEYS: targets hash, deployment hash, results hash.
+# ARGV: new state, now, reason, session filter ('' any), packed result ('' none), flags, joined estimate
+# ('' none: for a result, when the client joined by its own clock), client names... (no names: every target).  Flags: 'j' move only clients that joined; 'J' mark them joined first.
+# A client moves only forward, never out of a terminal state, and only while it belongs to the
+# filtered session (a late message of an earlier attempt changes nothing).  Terminal moves are
+# counted once; when every target is accounted for the deployment finishes (failed if any failed).
+# Returns how many clients moved.
+_TARGETS_MOVE = """
+local order = {created=0, staging=1, waiting=2, transferring=3, finished=4, failed=4, cancelled=4}
+local counter = {finished='clients_done', failed='clients_failed', cancelled='clients_cancelled'}
+local new, now, reason, sess, packed, flags = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local joined = ARGV[7]
+local names = {}
+if #ARGV > 7 then
+  for i = 8, #ARGV do names[#names + 1] = ARGV[i] end
+else
+  names = redis.call('HKEYS', KEYS[1])
+end
+local moved = 0
+for _, name in ipairs(names) do
+  local raw = redis.call('HGET', KEYS[1], name)
+  if raw then
+    local t = cjson.decode(raw)
+    local changed = false
+    if (sess == '' or t.session == sess) and (order[t.state] or 0) < 4 then
+      if string.find(flags, 'J', 1, true) and not t.joined_at then
+        t.joined_at = now
+        changed = true
+      end
+      if order[new] > (order[t.state] or 0) and (not string.find(flags, 'j', 1, true) or t.joined_at) then
+        if order[new] < 4 then
+          for i, skipped in ipairs({'staging', 'waiting', 'transferring'}) do
+            if i > (order[t.state] or 0) and i < order[new] and not t[skipped .. '_at'] then
+              t[skipped .. '_at'] = now
+            end
+          end
+        elseif joined ~= '' then  -- a result faster than the join reports: the client's own timing
+          local floor = t.waiting_at or t.staging_at or t.created_at
+          if not t.joined_at then
+            t.joined_at = (floor and tonumber(floor) > tonumber(joined)) and floor or joined
+          end
+          if not t.transferring_at then t.transferring_at = t.joined_at end
+          for _, skipped in ipairs({'staging', 'waiting'}) do
+            if not t[skipped .. '_at'] then t[skipped .. '_at'] = t.joined_at end
+          end
+        end
+        t.state = new
+        t[new .. '_at'] = now
+        if reason ~= '' then t.reason = reason end
+        moved = moved + 1
+        changed = true
+        if counter[new] then
+          redis.call('HINCRBY', KEYS[2], counter[new], 1)
+          t.ended_at = now
+          if packed ~= '' then redis.call('HSET', KEYS[3], name, packed) end
+        end
+      end
+    end
+    if changed then redis.call('HSET', KEYS[1], name, cjson.encode(t)) end
+  end
+end
+local expected = tonumber(redis.call('HGET', KEYS[2], 'expected') or '0')
+local done = tonumber(redis.call('HGET', KEYS[2], 'clients_done') or '0')
+local failed = tonumber(redis.call('HGET', KEYS[2], 'clients_failed') or '0')
+local cancelled = tonumber(redis.call('HGET', KEYS[2], 'clients_cancelled') or '0')
+local state = redis.call('HGET', KEYS[2], 'state')
+if moved > 0 and expected > 0 and done + failed + cancelled >= expected and (order[state] or 0) < 4 then
+  local final = failed > 0 and 'failed' or (cancelled > 0 and 'cancelled' or 'finished')
+  local why = ''
+  if failed > 0 then why = failed .. ' of ' .. expected .. ' client(s) failed' end
+  redis.call('HSET', KEYS[2], 'state', final, final .. '_at', now, 'finished_at', now, 'reason', why)
+end
+return moved
 """
 
 
@@ -74,6 +159,7 @@ class State:
         self.k = Keys(prefix)
         self._record = self.r.register_script(_RECORD_RESULT)
         self._advance = self.r.register_script(_ADVANCE)
+        self._targets_move = self.r.register_script(_TARGETS_MOVE)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "mcd") -> State:
@@ -144,52 +230,113 @@ class State:
 
     # ------------------------------------------------------------------ deployments
 
-    def create_deployment(self, image: dict[str, str], req: DeployRequest, ctl: ControllerSettings
-                          ) -> tuple[str, SessionJob, bool]:
-        """Create a deployment and its session job; returns (id, job, created_now).
-
-        With an idempotency key, a second call returns the first deployment.
-        """
-        dep_id = f"d-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        dp, expected = req.dp, req.clients
-        if req.idempotency_key:
-            key = self.k.idempotency(req.idempotency_key)
-            if not self.r.set(key, dep_id, nx=True):
-                existing = _s(self.r.get(key))
-                return existing, self.session_job(existing), False
-        streams = 3 if req.slow_policy == "tier" else 1
+    def _allocate(self, ctl: ControllerSettings, streams: int) -> list[tuple[str, int]]:
+        """``streams`` (group, port) pairs no other session holds (one counter for the whole site)."""
         n = int(self.r.incrby(self.k.alloc, streams)) - streams
-
-        def allocate(i: int) -> tuple[str, int]:
+        out = []
+        for i in range(streams):
             port = ctl.port_min + (n + i) % (ctl.port_max - ctl.port_min + 1)
             if ":" in ctl.group_prefix:  # IPv6, e.g. ff15::77: -> ff15::77:1 .. ff15::77:ffff
-                return f"{ctl.group_prefix}{1 + (n + i) % 0xFFFF:x}", port
-            return f"{ctl.group_prefix}{1 + (n + i) % 254}", port
+                out.append((f"{ctl.group_prefix}{1 + (n + i) % 0xFFFF:x}", port))
+            else:
+                out.append((f"{ctl.group_prefix}{1 + (n + i) % 254}", port))
+        return out
 
-        group, port = allocate(0)
+    def new_job(self, dep_id: str, dp: str, image: dict[str, str], req: DeployRequest, ctl: ControllerSettings,
+                expected: int, targets: list[Target] | None = None, attempt: int = 1) -> SessionJob:
+        """A session job for one DP of a deployment, with its own group and port."""
+        streams = 3 if req.slow_policy == "tier" else 1
+        (group, port), *slower = self._allocate(ctl, streams)
         rate = req.max_rate_mbps or ctl.default_rate_mbps
-        tiers = [Tier(group=g, port=p, max_rate_mbps=rate * f)
-                 for (g, p), f in ((allocate(1), 1 / 3), (allocate(2), 1 / 10))] if streams > 1 else []
-        job = SessionJob(
+        tiers = [Tier(group=g, port=p, max_rate_mbps=rate * f) for (g, p), f in zip(slower, (1 / 3, 1 / 10),
+                                                                                     strict=False)]
+        start_clients = req.start_clients
+        if targets is not None and start_clients is not None:
+            start_clients = min(start_clients, max(1, len(targets)))
+        return SessionJob(
             deployment=dep_id, session_id=secrets.randbits(63) or 1, dp=dp,
             image=ImageRef(name=image["name"], path=image["path"], size=int(image["size"]),
                            sha256=image["sha256"], manifest=image.get("manifest", "")),
             group=group, port=port, expected_clients=expected, start_timeout_s=req.start_timeout_s,
-            start_clients=req.start_clients, start_at=req.start_at, max_rate_mbps=req.max_rate_mbps,
+            start_clients=start_clients, start_at=req.start_at, max_rate_mbps=req.max_rate_mbps,
             slow_policy=req.slow_policy, drop_below_mbps=req.drop_below_mbps, min_rate_mbps=req.min_rate_mbps,
             slow_grace_s=req.slow_grace_s, unicast_fallback=req.unicast_fallback, tiers=tiers,
-            encrypt=req.encrypt,
+            encrypt=req.encrypt, deadline_s=req.deadline_s, targets=targets, attempt=attempt,
         )
+
+    def claim_idempotency(self, req: DeployRequest, dep_id: str) -> str | None:
+        """None if ``dep_id`` may be created; else the deployment an earlier trigger with the same key made."""
+        if not req.idempotency_key:
+            return None
+        key = self.k.idempotency(req.idempotency_key)
+        if self.r.set(key, dep_id, nx=True):
+            return None
+        return _s(self.r.get(key))
+
+    @staticmethod
+    def new_deployment_id() -> str:
+        return f"d-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+    def create_deployment(self, image: dict[str, str], req: DeployRequest, ctl: ControllerSettings,
+                          plan: dict[str, list[Target]] | None = None) -> tuple[str, list[SessionJob], bool]:
+        """Create a deployment and its session jobs; returns (id, jobs, created_now).
+
+        ``plan``: a collection deployment's targets per DP (one session each); None: the anonymous
+        form, one session on ``req.dp`` for any ``req.clients`` clients.  With an idempotency key,
+        a second call returns the first deployment.  Everything is written in one transaction.
+        """
+        dep_id = self.new_deployment_id()
+        existing = self.claim_idempotency(req, dep_id)
+        if existing:
+            return existing, self.session_jobs(existing), False
+        if plan is None:
+            assert req.dp is not None
+            jobs = [self.new_job(dep_id, req.dp, image, req, ctl, req.clients)]
+            expected = req.clients
+        else:
+            jobs = [self.new_job(dep_id, dp, image, req, ctl, len(ts), ts) for dp, ts in sorted(plan.items())]
+            expected = sum(len(ts) for ts in plan.values())
         now = f"{time.time():.3f}"
-        rec = {"id": dep_id, "image": image["name"], "dp": dp, "expected": str(expected),
+        first = jobs[0]
+        rec = {"id": dep_id, "kind": "collection" if plan is not None else "any", "image": image["name"],
+               "dp": ",".join(j.dp for j in jobs), "collection": req.collection or "", "expected": str(expected),
                "state": "created", "created_at": now, "clients_done": "0", "clients_failed": "0",
-               "session_id": str(job.session_id), "group": group, "port": str(port),
-               "job": msgpack.packb(job.model_dump(mode="json"))}
+               "clients_cancelled": "0", "attempt": "1", "fallback_dp": req.dp or "",
+               "deadline_s": f"{req.deadline_s:g}", "encrypt": str(req.encrypt).lower(),
+               "session_id": str(first.session_id), "group": first.group, "port": str(first.port),
+               "job": msgpack.packb(first.model_dump(mode="json")),
+               "request": msgpack.packb(req.model_dump(mode="json"))}
         with self.r.pipeline() as p:
             p.hset(self.k.deployment(dep_id), mapping=rec)
+            self._add_sessions(p, dep_id, jobs, now)
+            if plan is not None:
+                targets = {t.name: json.dumps(self._target_record(t, job, now))
+                           for job in jobs for t in job.targets or []}
+                p.hset(self.k.targets(dep_id), mapping=targets)
             p.zadd(self.k.deployments, {dep_id: time.time()})
             p.execute()
-        return dep_id, job, True
+        return dep_id, jobs, True
+
+    @staticmethod
+    def _target_record(t: Target, job: SessionJob, now: str) -> dict[str, Any]:
+        return {"name": t.name, "mac": t.mac or "", "smbios_uuid": t.smbios_uuid or "", "dp": job.dp,
+                "session": str(job.session_id), "attempt": job.attempt, "state": "created", "created_at": now,
+                "reason": ""}
+
+    def _add_sessions(self, p: Any, dep_id: str, jobs: list[SessionJob], now: str) -> None:
+        for job in jobs:
+            p.hset(self.k.session(job.session_id), mapping={
+                "id": str(job.session_id), "deployment": dep_id, "dp": job.dp, "attempt": str(job.attempt),
+                "state": "created", "created_at": now, "group": job.group, "port": str(job.port),
+                "clients": str(len(job.targets) if job.targets is not None else job.expected_clients),
+                "job": msgpack.packb(job.model_dump(mode="json"))})
+            p.rpush(self.k.sessions(dep_id), str(job.session_id))
+
+    def deployment_request(self, dep_id: str) -> DeployRequest:
+        raw = self.r.hget(self.k.deployment(dep_id), "request")
+        if raw is None:
+            raise NotFoundError(f"unknown deployment {dep_id!r}")
+        return DeployRequest.model_validate(msgpack.unpackb(raw))
 
     def session_job(self, dep_id: str) -> SessionJob:
         raw = self.r.hget(self.k.deployment(dep_id), "job")
@@ -197,11 +344,62 @@ class State:
             raise NotFoundError(f"unknown deployment {dep_id!r}")
         return SessionJob.model_validate(msgpack.unpackb(raw))
 
+    def session_jobs(self, dep_id: str) -> list[SessionJob]:
+        """Every session job of a deployment (deployments made before sessions were recorded: the one job)."""
+        sids = [_s(x) for x in self.r.lrange(self.k.sessions(dep_id), 0, -1)]
+        jobs = []
+        for sid in sids:
+            raw = self.r.hget(self.k.session(sid), "job")
+            if raw is not None:
+                jobs.append(SessionJob.model_validate(msgpack.unpackb(raw)))
+        return jobs or [self.session_job(dep_id)]
+
+    def list_sessions(self, dep_id: str) -> list[dict[str, str]]:
+        out = []
+        for sid in [_s(x) for x in self.r.lrange(self.k.sessions(dep_id), 0, -1)]:
+            raw = self.r.hgetall(self.k.session(sid))
+            if raw:
+                out.append({_s(k): _s(v) for k, v in raw.items() if _s(k) not in ("job", "request")})
+        return out
+
+    def session_state(self, session_id: int) -> str | None:
+        raw = self.r.hget(self.k.session(session_id), "state")
+        return _s(raw) if raw is not None else None
+
+    def _move_targets(self, dep_id: str, state: str, *, reason: str = "", session: str = "", packed: bytes = b"",
+                      flags: str = "", joined: float | None = None, names: list[str] | tuple[str, ...] = ()) -> int:
+        return int(self._targets_move(
+            keys=[self.k.targets(dep_id), self.k.deployment(dep_id), self.k.clients(dep_id)],
+            args=[state, f"{time.time():.3f}", reason[:500], session, packed, flags,
+                  "" if joined is None else f"{joined:.3f}", *names]))
+
     def record_session_report(self, rep: SessionReport) -> bool:
-        """Advance the deployment's state from a DP report; repeated reports change nothing."""
+        """Advance the session's and the deployment's states from a DP report; repeats change nothing.
+
+        Collection deployments: the session's clients move with it (staging, waiting; transferring
+        once they joined); a terminal session report moves no client (see :meth:`close_session`).
+        """
         key = self.k.deployment(rep.deployment)
-        fields: list[str] = ["bytes_sent", str(rep.bytes_sent), "clients_joined", str(rep.clients_joined),
-                             "session_state", rep.state]
+        now = f"{time.time():.3f}"
+        figures = ["bytes_sent", str(rep.bytes_sent), "clients_joined", str(rep.clients_joined),
+                   "session_state", rep.state]
+        skey = self.k.session(rep.session_id)
+        if self.r.exists(skey):
+            self._advance(keys=[skey], args=[rep.state, _ORDER[rep.state], now, *figures,
+                                             *(["reason", rep.reason] if rep.reason else [])])
+        if _s(self.r.hget(key, "kind") or b"") == "collection":
+            sid = str(rep.session_id)
+            if rep.state in TERMINAL:
+                return False
+            moved = bool(self._advance(keys=[key], args=[rep.state, _ORDER[rep.state], now]))
+            # Reports may be handled out of order: clients follow the session's furthest state.
+            current = _s(self.r.hget(skey, "state") or rep.state.encode())
+            state = current if _ORDER.get(current, 0) > _ORDER[rep.state] and current not in TERMINAL else rep.state
+            if rep.joined:
+                self._move_targets(rep.deployment, state, session=sid, flags="J", names=rep.joined)
+            self._move_targets(rep.deployment, state, session=sid, flags="j" if state == "transferring" else "")
+            return moved
+        fields = list(figures)
         if rep.reason:
             fields += ["reason", rep.reason]
         state = rep.state
@@ -212,15 +410,93 @@ class State:
                 if not rep.reason:
                     missing = max(0, expected - rep.clients_done - rep.clients_failed)
                     fields += ["reason", f"{rep.clients_failed} failed, {missing} never reported"]
-        return bool(self._advance(keys=[key], args=[state, _ORDER[state], f"{time.time():.3f}", *fields]))
+        return bool(self._advance(keys=[key], args=[state, _ORDER[state], now, *fields]))
+
+    def close_session(self, rep: SessionReport) -> int:
+        """A collection session ended: its clients without a result failed (with the session's reason)."""
+        why = rep.reason if rep.state == "failed" and rep.reason else \
+            f"no result from this client when its session ended{': ' + rep.reason if rep.reason else ''}"
+        return self._move_targets(rep.deployment, "failed", reason=why, session=str(rep.session_id))
 
     def record_client_result(self, res: ClientResult) -> bool:
         """Record a client's terminal result once; returns whether it was new."""
-        if not self.r.exists(self.k.deployment(res.deployment)):
+        dkey = self.k.deployment(res.deployment)
+        kind = self.r.hget(dkey, "kind")
+        if kind is None and not self.r.exists(dkey):
             raise NotFoundError(f"result for unknown deployment {res.deployment!r}")
-        packed = msgpack.packb({**res.model_dump(mode="json"), "recorded_at": time.time()})
-        return bool(self._record(keys=[self.k.clients(res.deployment), self.k.deployment(res.deployment)],
-                                 args=[res.client_id, packed, res.outcome, f"{time.time():.3f}"]))
+        now = time.time()
+        packed = msgpack.packb({**res.model_dump(mode="json"), "recorded_at": now})
+        if kind is not None and _s(kind) == "collection":
+            moved = self._move_targets(res.deployment, "finished" if res.outcome == "done" else "failed",
+                                       reason=res.reason, session=str(res.session_id), packed=packed,
+                                       joined=now - res.seconds if res.seconds else None, names=[res.client_id])
+            if moved and res.address and self.r.exists(self.k.client(res.client_id)):
+                self.r.hset(self.k.client(res.client_id), mapping={"address": res.address, "seen_at": f"{now:.3f}"})
+            return bool(moved)
+        return bool(self._record(keys=[self.k.clients(res.deployment), dkey],
+                                 args=[res.client_id, packed, res.outcome, f"{now:.3f}"]))
+
+    def cancel_deployment(self, dep_id: str, reason: str) -> list[tuple[int, str]] | None:
+        """Mark a deployment, its open sessions and unfinished clients cancelled.
+
+        Returns the (session id, DP) pairs to tell, or None if it was already cancelled.  A
+        finished or failed deployment is refused (ConfigError).
+        """
+        key = self.k.deployment(dep_id)
+        state = self.r.hget(key, "state")
+        if state is None:
+            raise NotFoundError(f"unknown deployment {dep_id!r}")
+        if _s(state) == "cancelled":
+            return None
+        if _s(state) in TERMINAL:
+            raise ConfigError(f"deployment {dep_id} already {_s(state)}: nothing to cancel "
+                              "(`mcdeploy deploy retry` runs its failed clients again)")
+        now = f"{time.time():.3f}"
+        self.r.hset(key, mapping={"state": "cancelled", "cancelled_at": now, "finished_at": now, "reason": reason})
+        self._move_targets(dep_id, "cancelled", reason=reason)
+        out = []
+        for sess in self.list_sessions(dep_id):
+            if sess.get("state") not in TERMINAL:
+                self.r.hset(self.k.session(sess["id"]), mapping={"state": "cancelled", "cancelled_at": now,
+                                                                  "reason": reason})
+                out.append((int(sess["id"]), sess["dp"]))
+        return out
+
+    def targets(self, dep_id: str) -> dict[str, dict[str, Any]]:
+        return {_s(k): json.loads(v) for k, v in self.r.hgetall(self.k.targets(dep_id)).items()}
+
+    def retry_targets(self, dep_id: str, names: list[str], jobs: list[SessionJob]) -> None:
+        """Give ``names`` (failed or cancelled targets) a new attempt in ``jobs``; one transaction.
+
+        Each client's previous attempt goes to its ``history``; the deployment is open again.
+        """
+        tkey, dkey = self.k.targets(dep_id), self.k.deployment(dep_id)
+        job_of = {t.name: job for job in jobs for t in job.targets or []}
+        now = f"{time.time():.3f}"
+        with self.r.pipeline() as p:
+            p.watch(tkey, dkey)
+            recs = {n: json.loads(p.hget(tkey, n)) for n in names}
+            if any(r["state"] not in ("failed", "cancelled") for r in recs.values()):
+                raise ConfigError(f"deployment {dep_id} changed while retrying; run retry again")
+            failed = sum(1 for r in recs.values() if r["state"] == "failed")
+            cancelled = len(recs) - failed
+            attempt = max(j.attempt for j in jobs)
+            p.multi()
+            for n, r in recs.items():
+                job = job_of[n]
+                past = {k: v for k, v in r.items() if k not in ("history", "name", "mac", "smbios_uuid")}
+                new = {**self._target_record(Target(name=n, mac=r.get("mac") or None,
+                                                    smbios_uuid=r.get("smbios_uuid") or None), job, now),
+                       "history": [*r.get("history", []), past]}
+                p.hset(tkey, n, json.dumps(new))
+            p.hdel(self.k.clients(dep_id), *names)
+            p.hincrby(dkey, "clients_failed", -failed)
+            p.hincrby(dkey, "clients_cancelled", -cancelled)
+            p.hdel(dkey, *[f"{s}_at" for s in ("staging", "waiting", "transferring", "finished", "failed",
+                                                "cancelled")])
+            p.hset(dkey, mapping={"state": "created", "attempt": str(attempt), "retried_at": now, "reason": ""})
+            self._add_sessions(p, dep_id, jobs, now)
+            p.execute()
 
     def set_progress(self, dep_id: str, progress: dict[str, int]) -> None:
         """Volatile per-client progress (blocks received), written by the DP."""
@@ -236,7 +512,7 @@ class State:
         raw = self.r.hgetall(self.k.deployment(dep_id))
         if not raw:
             raise NotFoundError(f"unknown deployment {dep_id!r}")
-        rec: dict[str, Any] = {_s(k): _s(v) for k, v in raw.items() if _s(k) != "job"}
+        rec: dict[str, Any] = {_s(k): _s(v) for k, v in raw.items() if _s(k) not in ("job", "request")}
         results = {_s(k): msgpack.unpackb(v) for k, v in self.r.hgetall(self.k.clients(dep_id)).items()}
         progress = {_s(k): int(v) for k, v in self.r.hgetall(self.k.progress(dep_id)).items()}
         rec["clients"] = results
@@ -249,7 +525,7 @@ class State:
         for dep_id in ids:
             raw = self.r.hgetall(self.k.deployment(dep_id))
             if raw:
-                out.append({_s(k): _s(v) for k, v in raw.items() if _s(k) != "job"})
+                out.append({_s(k): _s(v) for k, v in raw.items() if _s(k) not in ("job", "request")})
         return out
 
     def acquire_lease(self, session_id: int, holder: str, ttl: float) -> int | None:
