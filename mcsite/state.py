@@ -69,7 +69,8 @@ return 1
 # Per-client states of a collection deployment (JSON records in the targets hash).
 # KEYS: targets hash, deployment hash, results hash.
 # ARGV: new state, now, reason, session filter ('' any), packed result ('' none), flags, joined estimate
-# ('' none: for a result, when the client joined by its own clock), client names... (no names: every target).  Flags: 'j' move only clients that joined; 'J' mark them joined first.
+# ('' none: for a result, when the client joined by its own clock), client names... (no names: every
+# target).  Flags: 'j' move only clients that joined; 'J' mark them joined first.
 # A client moves only forward, never out of a terminal state, and only while it belongs to the
 # filtered session (a late message of an earlier attempt changes nothing).  Terminal moves are
 # counted once; when every target is accounted for the deployment finishes (failed if any failed).
