@@ -246,7 +246,7 @@ def test_a_client_that_never_came_fails_and_retry_gives_it_a_new_session(site: S
 
     out = _ok(cli("deploy", "retry", dep_id))
     assert "retrying 1 client(s) (rt-pc2)" in out and "attempt 2" in out
-    _fails(cli("deploy", "retry", dep_id), "still created")
+    _fails(cli("deploy", "retry", dep_id), "is still", "retry once it has ended")
     two = site.client("--out", str(tmp_path / "r2"), "--id", "rt-pc2", "--mac", "02:00:00:00:40:02", "--wait", "20",
                       timeout=60)
     assert two.returncode == 0, two.stderr
