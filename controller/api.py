@@ -110,6 +110,10 @@ def deploy_all(state: State, app: Celery, req: DeployRequest, ctl: ControllerSet
     if req.dp not in known_dps:
         known = ", ".join(known_dps) or "none registered"
         raise NotFoundError(f"unknown DP {req.dp!r} (known: {known}); start it with `mcdeploy-dp --name {req.dp}`")
+    if state.dp_drained(req.dp) and not (req.idempotency_key and state.r.exists(state.k.idempotency(
+            req.idempotency_key))):
+        raise ConfigError(f"DP {req.dp} is drained: it takes no new sessions (`mcdeploy dp undrain {req.dp}`, "
+                          "or deploy to another DP)")
     image = ensure_manifest(state, image, ctl)
     dep_id, jobs, created = state.create_deployment(image, req, ctl)
     if created:

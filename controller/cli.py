@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="last line of stdout: one JSON object of figures")
     d.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     d.add_argument("--rate", type=float, default=800.0, help="max send rate in Mbit/s (default 800)")
+    d.add_argument("--dps", type=int, default=1, help="DP agents to start (default 1); with more, the clients are "
+                   "spread over them by boundary group (one collection deployment, one session per DP)")
 
     u = sub.add_parser("up", help="run a one-machine site (Redis, controller worker, one DP) until Ctrl-C")
     u.add_argument("--dp-name", default="local", help="name of the local DP (default local)")
@@ -68,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run the controller worker (queue 'controller')")
     w.add_argument("--concurrency", type=int, default=4)
     w.add_argument("--loglevel", default="INFO")
+    w.add_argument("--beat", action="store_true", help="also run the beat that schedules the reconciler "
+                   "(every MCDEPLOY_RECONCILE_INTERVAL_S, default 10 s)")
+    w.add_argument("--log-format", choices=("text", "json"), help="log lines as key=value text (default) or JSON "
+                   "(MCDEPLOY_LOG_FORMAT)")
+    b = sub.add_parser("beat", help="run only the beat that schedules the reconciler (controller.reconcile)")
+    b.add_argument("--loglevel", default="INFO")
+    b.add_argument("--log-format", choices=("text", "json"))
 
     s = sub.add_parser("schema", help="print the JSON Schema of every message and task body")
     s.add_argument("--type", dest="msg_type", help="only this message type (e.g. deploy_request)")
@@ -162,12 +171,34 @@ def build_parser() -> argparse.ArgumentParser:
     br = bo.add_parser("remove", help="remove a boundary group")
     br.add_argument("name")
 
-    st = sub.add_parser("status", help="deployments, or one deployment's clients")
+    st = sub.add_parser("status", help="deployments, or one deployment's clients (--watch: live progress bars)")
     st.add_argument("deployment", nargs="?")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--watch", action="store_true", help="live progress bars per deployment and per client "
+                    "until every shown deployment ended (Ctrl-C leaves)")
+    st.add_argument("--once", action="store_true", help="with --watch: draw the bars once and exit (for scripts)")
+    st.add_argument("--interval", type=float, default=1.0, help="with --watch: seconds between refreshes "
+                    "(0.2-60, default 1)")
+    st.add_argument("--all", action="store_true", help="with --watch and no DEPLOYMENT: also ended deployments")
 
-    dp = sub.add_parser("dp", help="distribution points").add_subparsers(dest="dp_cmd", required=True)
-    dp.add_parser("list", help="registered DPs and whether they are alive")
+    dp = sub.add_parser("dp", help="distribution points: list, show, drain, undrain, set").add_subparsers(
+        dest="dp_cmd", required=True, metavar="ACTION")
+    dpl = dp.add_parser("list", help="registered DPs: alive, drained, sessions, capacity, rate")
+    dpl.add_argument("--json", action="store_true")
+    dps = dp.add_parser("show", help="one DP: its registration (interfaces, ranges, capacity), settings, sessions")
+    dps.add_argument("name")
+    dps.add_argument("--json", action="store_true")
+    dpd = dp.add_parser("drain", help="the DP finishes its running sessions but gets no new ones (deployments "
+                        "map its clients to the next DP of their boundary group)")
+    dpd.add_argument("name")
+    dpu = dp.add_parser("undrain", help="the DP gets new sessions again")
+    dpu.add_argument("name")
+    dpset = dp.add_parser("set", help="change a DP's settings at run time (read when each session opens)")
+    dpset.add_argument("name")
+    dpset.add_argument("--max-rate", type=float, metavar="MBPS", help="ceiling of its sessions' rate (0: back to "
+                       "the agent's own setting)")
+    dpset.add_argument("--max-clients", type=int, metavar="N", help="at most N clients of one deployment mapped "
+                       "to it; the rest go to the next DP of their boundary group (0: no limit)")
 
     # Transport-only tools: no Redis, no controller (like udp-sender / udp-receiver).
     from controller import simulate, standalone
@@ -262,20 +293,29 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         if args.clients < 1 or args.clients > 64:
             print("mcdeploy: error: --clients must be between 1 and 64 for the demo", file=sys.stderr)
             return 2
+        if not 1 <= args.dps <= 16:
+            print("mcdeploy: error: --dps must be between 1 and 16 for the demo", file=sys.stderr)
+            return 2
         if not 0 <= args.loss < 100:
             print("mcdeploy: error: --loss must be in [0, 100)", file=sys.stderr)
             return 2
         return run_demo(DemoOptions(clients=args.clients, size=args.size, image=args.image, loss=args.loss,
                                     keep=args.keep, json=args.json, timeout=args.timeout,
-                                    max_rate_mbps=args.rate))
+                                    max_rate_mbps=args.rate, dps=args.dps))
     if args.cmd == "up":
         from controller.up import run_up
 
         return run_up(args.dp_name, args.control_port, args.data_dir)
-    if args.cmd == "worker":
-        from controller.worker import run_worker
+    if args.cmd in ("worker", "beat"):
+        import os
 
-        return run_worker(args.concurrency, args.loglevel)
+        from controller.worker import run_beat, run_worker
+
+        if args.log_format:
+            os.environ["MCDEPLOY_LOG_FORMAT"] = args.log_format
+        if args.cmd == "beat":
+            return run_beat(args.loglevel)
+        return run_worker(args.concurrency, args.loglevel, beat=args.beat)
     if args.cmd in ("send", "receive"):
         from controller import standalone
 
@@ -311,13 +351,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.cmd == "status":
         return _status(args, state, console)
     if args.cmd == "dp":
-        table = Table("DP", "alive", "control", "sessions", "version", "bad datagrams", "identity (--dp-key)")
-        for name, info in state.list_dps():
-            table.add_row(name, "yes" if info else "[red]no[/]", (info or {}).get("control", "-"),
-                          (info or {}).get("sessions", "-"), (info or {}).get("version", "-"),
-                          (info or {}).get("bad_datagrams", "-"), (info or {}).get("key_fingerprint", "-"))
-        console.print(table)
-        return 0
+        from controller import dps
+
+        return dps.run(args, state, console)
     return 2
 
 
@@ -359,6 +395,15 @@ def _key(args: argparse.Namespace, console: Console) -> int:
 
 
 def _status(args: argparse.Namespace, state: Any, console: Console) -> int:
+    if getattr(args, "watch", False):
+        from controller import watch
+
+        if args.json:
+            raise ConfigError("--watch draws progress bars; use --json without --watch for data")
+        if not 0.2 <= args.interval <= 60:
+            raise ConfigError("--interval must be between 0.2 and 60 seconds")
+        return watch.run(state, console, args.deployment, interval=args.interval, once=args.once,
+                         show_all=args.all)
     if not args.deployment:
         deps = state.list_deployments()
         if args.json:
@@ -422,7 +467,7 @@ def _deploy(args: argparse.Namespace, state: Any, app: Any, console: Console) ->
         print(dep_id)
         return 0
     if args.deploy_cmd == "list":
-        return _status(argparse.Namespace(deployment=None, json=args.json), state, console)
+        return _status(argparse.Namespace(deployment=None, json=args.json, watch=False), state, console)
     if args.deploy_cmd == "show":
         return _show(args, state, console)
     if args.deploy_cmd == "cancel":

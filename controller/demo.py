@@ -1,7 +1,8 @@
 """``mcdeploy demo``: a whole deployment on one machine, every role a real process.
 
 Server side.  Starts a private Redis (the embedded default), a controller
-worker, one DP agent and N client agents on loopback; makes a random image
+worker (with the reconciler's beat), one DP agent (or ``--dps N``: N agents,
+the clients spread over them by boundary group) and N client agents on loopback; makes a random image
 (or uses one); deploys it; shows live progress; prints a summary.  Exit 0
 only if every client verified its image and was acknowledged.  Everything it
 started is stopped again, also on Ctrl-C.
@@ -47,6 +48,7 @@ class DemoOptions:
     json: bool = False
     timeout: float = 300.0
     max_rate_mbps: float = 800.0
+    dps: int = 1
 
 
 def free_udp_port() -> int:
@@ -90,8 +92,8 @@ def run_demo(opts: DemoOptions) -> int:
 
 def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: str, procs: ProcessGroup,
          redis: EmbeddedRedis) -> int:
-    err.print("[bold]mcdeploy demo[/]: starting a private Redis, a controller worker, a DP agent and "
-              f"{opts.clients} client(s) on loopback")
+    err.print("[bold]mcdeploy demo[/]: starting a private Redis, a controller worker, "
+              f"{'a DP agent' if opts.dps == 1 else f'{opts.dps} DP agents'} and {opts.clients} client(s) on loopback")
     redis.start()
     configure(app, redis.url)
     state = State.from_url(redis.url)
@@ -104,8 +106,10 @@ def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: st
     port = free_udp_port()
     ctl_log = open(os.path.join(logdir, "controller.log"), "wb")  # noqa: SIM115
     dp_log = open(os.path.join(logdir, "dp.log"), "wb")  # noqa: SIM115
-    procs.spawn("controller", python_module("controller", "worker", "--loglevel", "WARNING"), env,
+    procs.spawn("controller", python_module("controller", "worker", "--beat", "--loglevel", "WARNING"), env,
                 stdout=ctl_log, stderr=subprocess.STDOUT)
+    if opts.dps > 1:
+        return _run_spread(opts, out, err, workdir, outdir, procs, redis, state, env, ctl, logdir)
     procs.spawn("dp", python_module("dpagent", "--name", "demo-dp", "--control-port", str(port),
                                     "--max-rate-mbps", str(opts.max_rate_mbps), "--loglevel", "INFO"),
                 env, stdout=dp_log, stderr=subprocess.STDOUT)
@@ -181,6 +185,115 @@ def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: st
     dep = state.get_deployment(dep_id)
     return _summarize(opts, out, err, dep, clients, results, image, seconds, outdir,
                       {"redis_version": redis.version or "", "redis_binary": redis.binary or ""})
+
+
+def _demo_image(opts: DemoOptions, state: State, workdir: str, ctl: ControllerSettings) -> dict[str, str]:
+    if opts.image:
+        image_path = os.path.abspath(opts.image)
+        if not os.path.isfile(image_path):
+            raise ConfigError(f"no such image file: {image_path}")
+    else:
+        image_path = os.path.join(workdir, "demo-image.img")
+        make_image(image_path, opts.size)
+    return api.add_image(state, image_path, name="demo-image", ctl=ctl)
+
+
+def _run_spread(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: str, procs: ProcessGroup,
+                redis: EmbeddedRedis, state: State, env: dict[str, str], ctl: ControllerSettings,
+                logdir: str) -> int:
+    """``--dps N``: N DP agents, one boundary group each (127.0.<i>.0/24), the clients spread over them.
+
+    Every client is recorded with an address in one group's subnet (as ``client add --ip`` would),
+    the deployment targets the collection ``demo``, and each client agent joins the DP its boundary
+    group maps it to, with its own MAC (they share a host).
+    """
+    from controller import deployments
+    from controller.inventory import Inventory
+
+    names = [f"demo-dp{i + 1}" for i in range(opts.dps)]
+    ports = {}
+    for name in names:
+        ports[name] = free_udp_port()
+        dp_env = {**env, "MCDEPLOY_DP_KEY_FILE": os.path.join(workdir, f"{name}.key"),
+                  "MCDEPLOY_DP_SPOOL_DIR": os.path.join(workdir, f"{name}-spool")}
+        procs.spawn(name, python_module("dpagent", "--name", name, "--control-port", str(ports[name]),
+                                        "--max-rate-mbps", str(opts.max_rate_mbps), "--loglevel", "INFO"),
+                    dp_env, stdout=open(os.path.join(logdir, f"{name}.log"), "wb"),  # noqa: SIM115
+                    stderr=subprocess.STDOUT)
+    image = _demo_image(opts, state, workdir, ctl)
+    controller_key = mf.public_bytes(identity.controller_key(ctl.key_file).public_key()).hex()
+    size = int(image["size"])
+    deadline = time.monotonic() + 30
+    while any(state.get_dp(n) is None for n in names):
+        dead = [n for n, p in procs.procs if p.poll() is not None]
+        if time.monotonic() > deadline or dead:
+            raise ConfigError(f"DP agent(s) did not start ({', '.join(dead) or 'timeout'}); log:\n"
+                              + _tail(os.path.join(logdir, f"{(dead or names)[0]}.log")))
+        time.sleep(0.1)
+    inv = Inventory(state)
+    inv.create_collection("demo")
+    for i, name in enumerate(names):  # fallback: the next DP of the ring
+        inv.add_boundary(f"demo-site{i + 1}", [f"127.0.{i + 1}.0/24"], [name, names[(i + 1) % len(names)]])
+    cids = [f"demo-pc{k + 1}" for k in range(opts.clients)]
+    for k, cid in enumerate(cids):
+        inv.add_client(cid, f"02:00:00:de:{k // 256:02x}:{k % 256:02x}", None,
+                       f"127.0.{k % opts.dps + 1}.{k // opts.dps + 10}", collection="demo")
+    t0 = time.monotonic()
+    dep_id, jobs, _ = api.deploy_all(state, app, DeployRequest(
+        image="demo-image", collection="demo", start_timeout_s=30.0, max_rate_mbps=opts.max_rate_mbps), ctl)
+    dp_of = {t.name: j.dp for j in jobs for t in j.targets or []}
+    err.print(f"deployment [bold]{dep_id}[/]: {size / 2**20:.1f} MiB to collection demo ({opts.clients} clients) "
+              f"in {len(jobs)} session(s), receive loss {opts.loss:g} %")
+    spread = Table(title="clients by boundary group")
+    for col in ("DP", "boundary subnet", "session group:port", "clients"):
+        spread.add_column(col)
+    for i, name in enumerate(names):
+        job = next((j for j in jobs if j.dp == name), None)
+        spread.add_row(name, f"127.0.{i + 1}.0/24", f"{job.group}:{job.port}" if job else "-",
+                       ", ".join(c for c in cids if dp_of.get(c) == name))
+    err.print(spread)
+    fingerprints = {n: (state.get_dp(n) or {}).get("key_fingerprint", "") for n in names}
+    clients = []
+    for k, cid in enumerate(cids):
+        path = os.path.join(outdir, f"{cid}.img")
+        dp = dp_of[cid]
+        args = ["--dp", f"127.0.0.1:{ports[dp]}", "--out", path, "--id", cid, "--mac",
+                f"02:00:00:de:{k // 256:02x}:{k % 256:02x}", "--json", "--quiet", "--wait", "60",
+                "--controller-key", controller_key]
+        if fingerprints[dp]:
+            args += ["--dp-key", fingerprints[dp]]
+        if opts.loss:
+            args += ["--test-loss", str(opts.loss), "--test-seed", str(k + 1)]
+        proc = procs.spawn(cid, python_module("clientagent", *args), env, stdout=subprocess.PIPE,
+                           stderr=open(os.path.join(logdir, f"{cid}.log"), "wb"))  # noqa: SIM115
+        clients.append((cid, path, proc))
+    results: dict[str, dict[str, Any]] = {}
+    while True:
+        for cid, _, proc in clients:
+            if cid not in results and proc.poll() is not None:
+                results[cid] = _client_json(proc)
+        dep = state.get_deployment(dep_id)
+        if len(results) == len(clients) and dep["state"] in ("finished", "failed", "cancelled"):
+            break
+        if len(results) == len(clients) and time.monotonic() - t0 > 10 + max(
+                (r.get("seconds", 0) for r in results.values()), default=0):
+            break
+        if time.monotonic() - t0 > opts.timeout:
+            err.print(f"[red]demo timed out after {opts.timeout:g} s[/]")
+            break
+        time.sleep(0.2)
+    seconds = time.monotonic() - t0
+    from controller import watch
+
+    err.print(watch.frame(state, [dep_id])[0])
+    dep = state.get_deployment(dep_id)
+    dep["bytes_sent"] = sum(int(s.get("bytes_sent") or 0) for s in state.list_sessions(dep_id))
+    rows = deployments.report(state, dep_id)["clients"]
+    per_dp = {n: sum(1 for r in rows if r["dp"] == n and r["state"] == "finished") for n in names}
+    return _summarize(opts, out, err, dep, clients, results, image, seconds, outdir,
+                      {"redis_version": redis.version or "", "redis_binary": redis.binary or "", "dps": len(names),
+                       "clients_per_dp": {n: sum(1 for c in cids if dp_of.get(c) == n) for n in names},
+                       "finished_per_dp": per_dp, "sessions": len(jobs)})
 
 
 def _client_json(proc: subprocess.Popen[Any]) -> dict[str, Any]:

@@ -38,30 +38,47 @@ def _known_dps(state: State) -> dict[str, bool]:
 
 
 def plan(state: State, clients: list[dict[str, Any]], fallback_dp: str | None) -> dict[str, list[Target]]:
-    """Targets per DP for these client records (see the module doc); ConfigError if one has no DP."""
+    """Targets per DP for these client records (see the module doc); ConfigError if one has no DP.
+
+    Drained DPs get no clients (the boundary group's next DP does), and a DP with ``max_clients`` set
+    (``mcdeploy dp set``) gets at most that many; both are read here, at each deployment.
+    """
     inv = Inventory(state)
     dps = _known_dps(state)
     if fallback_dp is not None and fallback_dp not in dps:
         raise NotFoundError(f"unknown DP {fallback_dp!r} (known: {', '.join(sorted(dps)) or 'none registered'}); "
                             f"start it with `mcdeploy-dp --name {fallback_dp}`")
+    config = {d: state.dp_config(d) for d in dps}
+    drained = {d for d, c in config.items() if c.get("drained") == "1"}
+    cap = {d: int(c.get("max_clients") or 0) for d, c in config.items()}
+    load: dict[str, int] = {}
+
+    def room(d: str) -> bool:
+        return d not in drained and (not cap[d] or load.get(d, 0) < cap[d])
+
     out: dict[str, list[Target]] = {}
     homeless = []
     for c in clients:
         dp = None
         boundary = inv.boundary_of(c.get("address", "")) if c.get("address") else None
         if boundary is not None:
-            order = [d for d in boundary["dps"] if d in dps]
+            order = [d for d in boundary["dps"] if d in dps and room(d)]
             dp = next((d for d in order if dps[d]), order[0] if order else None)
-        dp = dp or fallback_dp
+        if dp is None and fallback_dp is not None and room(fallback_dp):
+            dp = fallback_dp
         if dp is None:
             homeless.append(c["name"])
             continue
+        load[dp] = load.get(dp, 0) + 1
         out.setdefault(dp, []).append(Target(name=c["name"], mac=c.get("mac") or None,
                                              smbios_uuid=c.get("smbios_uuid") or None))
     if homeless:
         shown = ", ".join(homeless[:5]) + (f" and {len(homeless) - 5} more" if len(homeless) > 5 else "")
-        raise ConfigError(f"no DP for client(s) {shown}: their address is unknown or in no boundary group; "
-                          "name a DP for them with --dp (or add a boundary group)")
+        why = ("their address is unknown or in no boundary group, or every DP they map to is drained or full "
+               f"(drained: {', '.join(sorted(drained))})" if drained or any(cap.values()) else
+               "their address is unknown or in no boundary group")
+        raise ConfigError(f"no DP for client(s) {shown}: {why}; name a DP for them with --dp (or add a boundary "
+                          "group)")
     return out
 
 
@@ -122,8 +139,14 @@ def retry(state: State, app: Celery, dep_id: str, ctl: ControllerSettings | None
     fallback = dep.get("fallback_dp") or None
     per_dp = plan(state, records, fallback)
     attempt = int(dep.get("attempt", 1)) + 1
-    jobs = [state.new_job(dep_id, dp, image, req, ctl, len(ts), ts, attempt) for dp, ts in sorted(per_dp.items())]
-    state.retry_targets(dep_id, names, jobs)
+    jobs: list[SessionJob] = []
+    try:
+        for dp, ts in sorted(per_dp.items()):
+            jobs.append(state.new_job(dep_id, dp, image, req, ctl, len(ts), ts, attempt))
+        state.retry_targets(dep_id, names, jobs)
+    except Exception:
+        state.release_jobs(jobs)  # nothing half-created: the ports go back
+        raise
     for job in jobs:
         app.send_task("dp.open_session", kwargs={"body": to_body(job)})
     return names, jobs

@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from controller import api
+from controller import reconcile as reconciler
 from mcproto.codec import from_body
 from mcproto.messages import ClientResult, DeployRequest, SessionReport
 from mcsite.celeryapp import app
@@ -81,3 +82,9 @@ def deploy(body: Any) -> dict[str, Any]:
     log.info("deploy trigger image=%s dp=%s collection=%s deployment=%s created=%s", req.image, req.dp,
              req.collection, dep_id, created)
     return {"deployment": dep_id, "created": created}
+
+
+@app.task(name="controller.reconcile")
+def reconcile() -> dict[str, Any]:
+    """One reconciler pass (Celery beat runs it every ``MCDEPLOY_RECONCILE_INTERVAL_S``; see controller.reconcile)."""
+    return reconciler.run(state(), app).as_dict()

@@ -1,7 +1,7 @@
 """``mcdeploy up``: a one-machine site in the foreground until Ctrl-C.
 
 Server side.  Starts the embedded Redis (persistent when ``--data-dir`` is
-given), a controller worker and one local DP agent, publishes the Redis URL
+given), a controller worker (with the beat that runs the reconciler) and one local DP agent, publishes the Redis URL
 so later ``mcdeploy`` commands of this user find the site, and stops all of
 it on Ctrl-C or SIGTERM.
 """
@@ -33,7 +33,7 @@ def run_up(dp_name: str, control_port: int, data_dir: str | None) -> int:
     try:
         redis.start()
         env = site_env(redis.url)
-        procs.spawn("controller", python_module("controller", "worker"), env)
+        procs.spawn("controller", python_module("controller", "worker", "--beat"), env)  # + the reconciler
         procs.spawn("dp", python_module("dpagent", "--name", dp_name, "--control-port", str(control_port)), env)
         path = publish_site(site, redis.url)
         console.print(f"[bold green]mcdeploy site up[/]: Redis {redis.binary} on 127.0.0.1:{redis.port} "

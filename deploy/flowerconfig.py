@@ -87,7 +87,9 @@ _PROGRESS_FIELDS = (
     "bytes_sent",
     "rate_mbps",
     "percent",
+    "eta_s",
     "session_state",
+    "dp_name",
 )
 
 
@@ -131,7 +133,7 @@ def _live_record(task: object) -> object | None:
 
 
 def _progress_summary(task: object) -> str | None:
-    """``transferring joined=3 done=2 failed=0 sent=123MB 40.1Mb/s 67%`` (last progress event)."""
+    """``dp1 transferring joined=3 done=2 failed=0 sent=123MB 40.1Mb/s 67% eta=12s`` (last progress event)."""
     source = task
     if all(getattr(task, name, None) is None for name in _PROGRESS_FIELDS):
         source = _live_record(task)
@@ -144,9 +146,11 @@ def _progress_summary(task: object) -> str | None:
         value = values[name]
         return "?" if value is None else str(int(value))
 
-    sent, rate, percent = values["bytes_sent"], values["rate_mbps"], values["percent"]
+    sent, rate, percent, eta = values["bytes_sent"], values["rate_mbps"], values["percent"], values["eta_s"]
+    dp = getattr(source, "dp_name", None)
     return " ".join(
         (
+            *((dp,) if isinstance(dp, str) and dp else ()),
             phase.lower() if isinstance(phase, str) and phase else "session",
             f"joined={count('clients_joined')}",
             f"done={count('clients_done')}",
@@ -154,6 +158,7 @@ def _progress_summary(task: object) -> str | None:
             "sent=?" if sent is None else f"sent={sent / 1e6:.0f}MB",
             "?Mb/s" if rate is None else f"{rate:.1f}Mb/s",
             "?%" if percent is None else f"{percent:.0f}%",
+            "eta=?" if eta is None else f"eta={eta:.0f}s",
         )
     )
 

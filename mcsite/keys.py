@@ -28,7 +28,15 @@ Celery message must change nothing.  ``p`` is the site's key prefix.
     {p}:boundary:{name}             hash: name, subnets (comma list of CIDRs), dps (comma list, fallback order)
     {p}:session:{id}:lease          string: "dp-name:fence" held by the DP running the session
     {p}:fence                       counter for lease fencing numbers
-    {p}:alloc                       counter for group/port allocation
+    {p}:alloc                       counter for group/port allocation (where the next search starts)
+    {p}:alloc:ports                 hash: data port -> "group session-id" of the live stream holding it
+                                    (claimed at allocation, released when the session ends)
+    {p}:sessions:live               set of session ids not yet finished, failed or cancelled (the reconciler's list)
+    {p}:session:{id}:redispatch     string with a TTL: the reconciler re-dispatched the session this recently
+    {p}:dp:{name}:config            hash: operator settings of a DP read per session, no TTL (drained, max_rate_mbps,
+                                    max_clients)
+    {p}:deployment:{id}:seen        hash: client name -> when the DP last reported its progress (Unix seconds)
+    {p}:reconcile:lock              string with a TTL: one reconciler pass at a time
 """
 
 from __future__ import annotations
@@ -122,3 +130,24 @@ class Keys:
     @property
     def alloc(self) -> str:
         return f"{self.p}:alloc"
+
+    @property
+    def alloc_ports(self) -> str:
+        return f"{self.p}:alloc:ports"
+
+    @property
+    def live_sessions(self) -> str:
+        return f"{self.p}:sessions:live"
+
+    def redispatch(self, session_id: int | str) -> str:
+        return f"{self.p}:session:{session_id}:redispatch"
+
+    def dp_config(self, name: str) -> str:
+        return f"{self.p}:dp:{name}:config"
+
+    def seen(self, dep_id: str) -> str:
+        return f"{self.p}:deployment:{dep_id}:seen"
+
+    @property
+    def reconcile_lock(self) -> str:
+        return f"{self.p}:reconcile:lock"

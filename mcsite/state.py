@@ -229,25 +229,121 @@ class State:
     def list_dps(self) -> list[tuple[str, dict[str, str] | None]]:
         return [(n, self.get_dp(n)) for n in sorted(_s(x) for x in self.r.smembers(self.k.dps))]
 
+    DP_CONFIG_FIELDS = ("drained", "max_rate_mbps", "max_clients")
+
+    def dp_config(self, name: str) -> dict[str, str]:
+        """The operator's settings of a DP (no TTL; read by the controller and by the DP per session)."""
+        return _hash(self.r.hgetall(self.k.dp_config(name)))
+
+    def set_dp_config(self, name: str, **fields: str | None) -> dict[str, str]:
+        """Change a DP's settings at run time (None removes a field); the DP must have registered once."""
+        if not self.r.sismember(self.k.dps, name):
+            known = ", ".join(n for n, _ in self.list_dps()) or "none registered"
+            raise NotFoundError(f"unknown DP {name!r} (known: {known})")
+        bad = set(fields) - set(self.DP_CONFIG_FIELDS)
+        if bad:
+            raise ConfigError(f"unknown DP setting(s): {', '.join(sorted(bad))}")
+        put = {k: v for k, v in fields.items() if v is not None}
+        drop = [k for k, v in fields.items() if v is None]
+        with self.r.pipeline() as p:
+            if put:
+                p.hset(self.k.dp_config(name), mapping={**put, "changed_at": f"{time.time():.3f}"})
+            if drop:
+                p.hdel(self.k.dp_config(name), *drop)
+            p.execute()
+        return self.dp_config(name)
+
+    def dp_drained(self, name: str) -> bool:
+        return _s(self.r.hget(self.k.dp_config(name), "drained") or b"") == "1"
+
+    def dp_view(self, name: str) -> dict[str, Any]:
+        """A DP as the operator sees it: registration (None fields when dead), settings, live sessions."""
+        info = self.get_dp(name)
+        cfg = self.dp_config(name)
+        sessions = []
+        for sid in self.live_sessions():
+            rec = self.session(sid)
+            if rec.get("dp") == name:
+                sessions.append(rec)
+        return {"name": name, "alive": info is not None, "drained": cfg.get("drained") == "1",
+                "registration": info or {}, "config": cfg, "sessions": sessions}
+
     # ------------------------------------------------------------------ deployments
 
-    def _allocate(self, ctl: ControllerSettings, streams: int) -> list[tuple[str, int]]:
-        """``streams`` (group, port) pairs no other session holds (one counter for the whole site)."""
-        n = int(self.r.incrby(self.k.alloc, streams)) - streams
-        out = []
-        for i in range(streams):
-            port = ctl.port_min + (n + i) % (ctl.port_max - ctl.port_min + 1)
+    def _allocate(self, ctl: ControllerSettings, streams: int, session_id: int) -> list[tuple[str, int]]:
+        """``streams`` (group, port) pairs for ``session_id``, none in use by a live session.
+
+        Central allocation for the whole site: a data port belongs to at most one live stream (so a
+        (group, port) pair never does either), whatever the DP.  The search starts where the last one
+        stopped (a site counter) and skips ports a live session holds; each port is claimed with HSETNX,
+        so concurrent allocations never hand out one port twice.  Claims are released when the session
+        ends (:meth:`end_session`).  ConfigError when every port of the range is held.
+        """
+        span = ctl.port_max - ctl.port_min + 1
+        if span <= 0:
+            raise ConfigError(f"controller port range {ctl.port_min}-{ctl.port_max} is empty")
+        out: list[tuple[str, int]] = []
+        tried = 0
+        while len(out) < streams:
+            n = int(self.r.incr(self.k.alloc)) - 1
+            tried += 1
+            port = ctl.port_min + n % span
             if ":" in ctl.group_prefix:  # IPv6, e.g. ff15::77: -> ff15::77:1 .. ff15::77:ffff
-                out.append((f"{ctl.group_prefix}{1 + (n + i) % 0xFFFF:x}", port))
+                group = f"{ctl.group_prefix}{1 + n % 0xFFFF:x}"
             else:
-                out.append((f"{ctl.group_prefix}{1 + (n + i) % 254}", port))
+                group = f"{ctl.group_prefix}{1 + n % 254}"
+            if self.r.hsetnx(self.k.alloc_ports, str(port), f"{group} {session_id}"):
+                out.append((group, port))
+                continue
+            if tried > span + streams:
+                self._release_ports(session_id, [p for _, p in out])
+                live = int(self.r.hlen(self.k.alloc_ports))
+                raise ConfigError(f"no free multicast port: {live} stream(s) of live sessions hold every port of "
+                                  f"{ctl.port_min}-{ctl.port_max}; wait for sessions to end or widen the range "
+                                  "(MCDEPLOY_CONTROLLER_PORT_MIN/PORT_MAX)")
         return out
+
+    _RELEASE = """
+local n = 0
+for i = 2, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if v and string.sub(v, -(#ARGV[1] + 1)) == ' ' .. ARGV[1] then redis.call('HDEL', KEYS[1], ARGV[i]); n = n + 1 end
+end
+return n
+"""
+
+    def _release_ports(self, session_id: int | str, ports: list[int]) -> int:
+        """Give back the ports ``session_id`` holds (a port another session holds now is left alone)."""
+        if not ports:
+            return 0
+        return int(self.r.eval(self._RELEASE, 1, self.k.alloc_ports, str(session_id), *[str(p) for p in ports]))
+
+    def allocated(self) -> dict[int, tuple[str, str]]:
+        """Every claimed port -> (group, session id) of the live stream holding it."""
+        out = {}
+        for port, v in self.r.hgetall(self.k.alloc_ports).items():
+            group, _, sid = _s(v).partition(" ")
+            out[int(_s(port))] = (group, sid)
+        return out
+
+    def end_session(self, session_id: int | str) -> int:
+        """A session reached a terminal state: it leaves the live set and gives back its ports (idempotent)."""
+        raw = self.r.hget(self.k.session(session_id), "ports")
+        ports = [int(p) for p in _s(raw).split(",") if p] if raw else []
+        self.r.srem(self.k.live_sessions, str(session_id))
+        if not ports:  # sessions recorded before ports were: find them by their claims
+            ports = [p for p, (_, sid) in self.allocated().items() if sid == str(session_id)]
+        return self._release_ports(session_id, ports)
+
+    def live_sessions(self) -> list[str]:
+        return sorted(_s(x) for x in self.r.smembers(self.k.live_sessions))
 
     def new_job(self, dep_id: str, dp: str, image: dict[str, str], req: DeployRequest, ctl: ControllerSettings,
                 expected: int, targets: list[Target] | None = None, attempt: int = 1) -> SessionJob:
         """A session job for one DP of a deployment, with its own group and port."""
         streams = 3 if req.slow_policy == "tier" else 1
-        (group, port), *slower = self._allocate(ctl, streams)
+        session_id = secrets.randbits(63) or 1
+        (group, port), *slower = self._allocate(ctl, streams, session_id)
         rate = req.max_rate_mbps or ctl.default_rate_mbps
         tiers = [Tier(group=g, port=p, max_rate_mbps=rate * f) for (g, p), f in zip(slower, (1 / 3, 1 / 10),
                                                                                      strict=False)]
@@ -255,7 +351,7 @@ class State:
         if targets is not None and start_clients is not None:
             start_clients = min(start_clients, max(1, len(targets)))
         return SessionJob(
-            deployment=dep_id, session_id=secrets.randbits(63) or 1, dp=dp,
+            deployment=dep_id, session_id=session_id, dp=dp,
             image=ImageRef(name=image["name"], path=image["path"], size=int(image["size"]),
                            sha256=image["sha256"], manifest=image.get("manifest", "")),
             group=group, port=port, expected_clients=expected, start_timeout_s=req.start_timeout_s,
@@ -290,13 +386,21 @@ class State:
         existing = self.claim_idempotency(req, dep_id)
         if existing:
             return existing, self.session_jobs(existing), False
-        if plan is None:
-            assert req.dp is not None
-            jobs = [self.new_job(dep_id, req.dp, image, req, ctl, req.clients)]
-            expected = req.clients
-        else:
-            jobs = [self.new_job(dep_id, dp, image, req, ctl, len(ts), ts) for dp, ts in sorted(plan.items())]
-            expected = sum(len(ts) for ts in plan.values())
+        jobs: list[SessionJob] = []
+        try:
+            if plan is None:
+                assert req.dp is not None
+                jobs.append(self.new_job(dep_id, req.dp, image, req, ctl, req.clients))
+                expected = req.clients
+            else:
+                for dp, ts in sorted(plan.items()):
+                    jobs.append(self.new_job(dep_id, dp, image, req, ctl, len(ts), ts))
+                expected = sum(len(ts) for ts in plan.values())
+        except Exception:
+            self.release_jobs(jobs)
+            if req.idempotency_key:
+                self.r.delete(self.k.idempotency(req.idempotency_key))
+            raise
         now = f"{time.time():.3f}"
         first = jobs[0]
         rec = {"id": dep_id, "kind": "collection" if plan is not None else "any", "image": image["name"],
@@ -318,6 +422,11 @@ class State:
             p.execute()
         return dep_id, jobs, True
 
+    def release_jobs(self, jobs: list[SessionJob]) -> None:
+        """Give back the ports of jobs that were never recorded (creation failed)."""
+        for job in jobs:
+            self._release_ports(job.session_id, [job.port, *(t.port for t in job.tiers)])
+
     @staticmethod
     def _target_record(t: Target, job: SessionJob, now: str) -> dict[str, Any]:
         return {"name": t.name, "mac": t.mac or "", "smbios_uuid": t.smbios_uuid or "", "dp": job.dp,
@@ -330,8 +439,10 @@ class State:
                 "id": str(job.session_id), "deployment": dep_id, "dp": job.dp, "attempt": str(job.attempt),
                 "state": "created", "created_at": now, "group": job.group, "port": str(job.port),
                 "clients": str(len(job.targets) if job.targets is not None else job.expected_clients),
-                "job": msgpack.packb(job.model_dump(mode="json"))})
+                "ports": ",".join(str(x) for x in [job.port, *(t.port for t in job.tiers)]),
+                "dispatched_at": now, "job": msgpack.packb(job.model_dump(mode="json"))})
             p.rpush(self.k.sessions(dep_id), str(job.session_id))
+            p.sadd(self.k.live_sessions, str(job.session_id))
 
     def deployment_request(self, dep_id: str) -> DeployRequest:
         raw = self.r.hget(self.k.deployment(dep_id), "request")
@@ -388,6 +499,8 @@ class State:
         if self.r.exists(skey):
             self._advance(keys=[skey], args=[rep.state, _ORDER[rep.state], now, *figures,
                                              *(["reason", rep.reason] if rep.reason else [])])
+            if rep.state in TERMINAL:
+                self.end_session(rep.session_id)
         if _s(self.r.hget(key, "kind") or b"") == "collection":
             sid = str(rep.session_id)
             if rep.state in TERMINAL:
@@ -460,6 +573,7 @@ class State:
             if sess.get("state") not in TERMINAL:
                 self.r.hset(self.k.session(sess["id"]), mapping={"state": "cancelled", "cancelled_at": now,
                                                                   "reason": reason})
+                self.end_session(sess["id"])
                 out.append((int(sess["id"]), sess["dp"]))
         return out
 
@@ -500,14 +614,101 @@ class State:
             p.execute()
 
     def set_progress(self, dep_id: str, progress: dict[str, int]) -> None:
-        """Volatile per-client progress (blocks received), written by the DP."""
+        """Volatile per-client progress (blocks received), written by the DP.
+
+        A client whose count moved is stamped in ``seen`` (the reconciler times out clients whose
+        progress stopped moving).
+        """
         if not progress:
             return
-        key = self.k.progress(dep_id)
+        key, seen = self.k.progress(dep_id), self.k.seen(dep_id)
+        names = list(progress)
+        old = self.r.hmget(key, names)
+        now = f"{time.time():.3f}"
+        moved = {n: now for n, o in zip(names, old, strict=True) if o is None or int(o) != int(progress[n])}
         with self.r.pipeline() as p:
             p.hset(key, mapping={k: str(v) for k, v in progress.items()})
             p.expire(key, 24 * 3600)
+            if moved:
+                p.hset(seen, mapping=moved)
+                p.expire(seen, 24 * 3600)
             p.execute()
+
+    def last_seen(self, dep_id: str) -> dict[str, float]:
+        return {_s(k): float(v) for k, v in self.r.hgetall(self.k.seen(dep_id)).items()}
+
+    SESSION_FIGURES = ("clients_joined", "clients_done", "clients_failed", "bytes_sent", "rate_mbps", "percent",
+                       "eta_s", "blocks_total", "session_state")
+
+    def set_session_progress(self, session_id: int, figures: dict[str, Any]) -> None:
+        """Live figures of a running session (the DP writes them each second; ``status --watch`` reads them)."""
+        key = self.k.session(session_id)
+        put = {f"live_{k}": str(v) for k, v in figures.items() if k in self.SESSION_FIGURES and v is not None}
+        if put and self.r.exists(key):
+            self.r.hset(key, mapping={**put, "live_at": f"{time.time():.3f}"})
+
+    def session(self, session_id: int | str) -> dict[str, str]:
+        raw = self.r.hgetall(self.k.session(session_id))
+        return {_s(k): _s(v) for k, v in raw.items() if _s(k) != "job"}
+
+    def session_job_by_id(self, session_id: int | str) -> SessionJob | None:
+        raw = self.r.hget(self.k.session(session_id), "job")
+        return SessionJob.model_validate(msgpack.unpackb(raw)) if raw is not None else None
+
+    def claim_redispatch(self, session_id: int | str, window_s: float) -> bool:
+        """True for one caller per ``window_s`` (two reconcilers never both re-dispatch a session)."""
+        return bool(self.r.set(self.k.redispatch(session_id), f"{time.time():.3f}", nx=True,
+                               px=max(1, int(window_s * 1000))))
+
+    def lease_holder(self, session_id: int | str) -> str | None:
+        raw = self.r.get(self.k.lease(int(session_id)))
+        return _s(raw) if raw is not None else None
+
+    def fail_targets(self, dep_id: str, names: list[str], reason: str, session: str = "") -> int:
+        """Fail these targets (not yet terminal) with ``reason``; finishes the deployment when all are in."""
+        if not names:
+            return 0
+        return self._move_targets(dep_id, "failed", reason=reason, session=session, names=names)
+
+    def expire_deployment(self, dep_id: str, reason: str) -> list[tuple[int, str]]:
+        """The deadline passed: unfinished clients fail with ``reason``, so does the deployment; open
+        sessions are marked failed and returned as (session id, DP) for the DPs to abort.  Idempotent."""
+        key = self.k.deployment(dep_id)
+        now = f"{time.time():.3f}"
+        if _s(self.r.hget(key, "state") or b"finished") not in TERMINAL:
+            if _s(self.r.hget(key, "kind") or b"") == "collection":
+                self._move_targets(dep_id, "failed", reason=reason)
+            self.r.hset(key, mapping={"state": "failed", "failed_at": now, "finished_at": now, "reason": reason})
+        out = []
+        for sess in self.list_sessions(dep_id):
+            if sess.get("state") not in TERMINAL:
+                self._advance(keys=[self.k.session(sess["id"])], args=["failed", _ORDER["failed"], now,
+                                                                        "reason", reason])
+                self.end_session(sess["id"])
+                out.append((int(sess["id"]), sess["dp"]))
+        return out
+
+    def close_deployment(self, dep_id: str, final: str, reason: str) -> bool:
+        """Move an open deployment to ``final`` (every client accounted for); False if it had ended."""
+        key = self.k.deployment(dep_id)
+        if _s(self.r.hget(key, "state") or b"finished") in TERMINAL:
+            return False
+        now = f"{time.time():.3f}"
+        return bool(self._advance(keys=[key], args=[final, _ORDER[final], now, "finished_at", now, "reason", reason]))
+
+    def end_lease(self, session_id: int, holder: str, fence: int, ttl: float) -> None:
+        """The session ended on this sender: its lease stays a while marked ended, so the reconciler never
+        takes the gap before the final report lands for a lapsed lease."""
+        key = self.k.lease(session_id)
+        if _s(self.r.get(key) or b"") == f"{holder}:{fence}":
+            self.r.set(key, f"ended:{holder}:{fence}", px=int(ttl * 1000))
+
+    def mark_redispatched(self, session_id: int | str, reason: str) -> int:
+        key = self.k.session(session_id)
+        with self.r.pipeline() as p:
+            p.hincrby(key, "redispatches", 1)
+            p.hset(key, mapping={"dispatched_at": f"{time.time():.3f}", "redispatch_reason": reason[:500]})
+            return int(p.execute()[0])
 
     def get_deployment(self, dep_id: str) -> dict[str, Any]:
         raw = self.r.hgetall(self.k.deployment(dep_id))
