@@ -71,7 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this machine's SMBIOS UUID (default: /sys/class/dmi/id/product_uuid on Linux when "
                    "readable, else none)")
     p.add_argument("--wait", type=float, default=120.0,
-                   help="seconds to wait for a session to be announced/offered (default 120)")
+                   help="seconds to wait for a session to be announced/offered (default 120); a DP that says "
+                   "\"wait\" is asked again within this, and each new reason is printed with the expected start")
+    uni = p.add_argument_group("unicast fallback (deployments that allow it)")
+    uni.add_argument("--unicast", action="store_true",
+                     help="fetch the image from the DP over HTTP (range requests) instead of joining the multicast; "
+                     "every chunk is checked against the signed manifest as for multicast")
+    uni.add_argument("--unicast-after", type=float, default=10.0, metavar="S",
+                     help="fall back to HTTP when nothing arrived on the multicast group for S seconds, or the group "
+                     "cannot be joined (default 10); a client the DP drops with unicast allowed falls back at once")
     add_common_arguments(p)
     add_output_arguments(p)
     return p
@@ -230,8 +238,9 @@ def run(opts: ClientOptions, prog: str, *, json_out: bool = False, quiet: bool =
         print(file=sys.stderr)
     mbps = result.image_bytes / result.seconds / 1e6 if result.seconds and result.exit_code == 0 else 0.0
     if result.exit_code == 0:
+        via = f", delivered by {result.extra['path']}" if result.extra.get("path", "multicast") != "multicast" else ""
         print(f"{prog}: OK: {result.image_bytes} bytes verified and acknowledged in "
-              f"{result.seconds:.2f} s ({mbps:.1f} MB/s)", file=sys.stderr)
+              f"{result.seconds:.2f} s ({mbps:.1f} MB/s{via})", file=sys.stderr)
     else:
         print(f"{prog}: FAILED ({result.exit_code}): {result.reason}", file=sys.stderr)
     if json_out:
@@ -261,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         smbios_uuid = identity.normalize_uuid(args.smbios_uuid) if args.smbios_uuid else identity.local_smbios_uuid()
     except ValueError as exc:
         problem = problem or f"{'--mac' if 'MAC' in str(exc) else '--smbios-uuid'}: {exc}"
+    if problem is None and args.unicast_after <= 0:
+        problem = "--unicast-after must be > 0"
     if group is not None and problem is None and not is_multicast(group[0]):
         problem = f"--discover: {group[0]} is not a multicast group address"
     if problem:
@@ -270,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                          deployment=args.deployment, wait_s=args.wait, idle_timeout_s=args.idle_timeout,
                          test_loss=args.test_loss / 100.0, test_impair=args.test_impair, seed=args.test_seed,
                          discover=group, dp_key=args.dp_key, controller_key=args.controller_key,
-                         interface=args.interface, mac=mac, smbios_uuid=smbios_uuid, **output_options(args))
+                         interface=args.interface, mac=mac, smbios_uuid=smbios_uuid, unicast=args.unicast,
+                         unicast_after_s=args.unicast_after, **output_options(args))
     return run(opts, prog, json_out=args.json, quiet=args.quiet)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from clientagent import integrity
+from clientagent import integrity, unicast
 from clientagent import journal as journal_mod
 from clientagent.impair import Impairment
 from clientagent.journal import Committer, Journal, JournalError
@@ -41,7 +41,7 @@ from mcproto.errors import MessageError, PacketError
 from mcproto.events import Acknowledged, GaveUp, Moved, TransferComplete
 from mcproto.fec import Layout
 from mcproto.manifest import Manifest, ManifestError
-from mcproto.messages import Announce, Join, NoSession, Offer
+from mcproto.messages import Ack, Announce, Done, Join, NoSession, Offer, Status
 from mcproto.receiver import Receiver
 
 # Exit codes a task sequence can act on.
@@ -84,6 +84,10 @@ class ClientOptions:
     spool_memory: int = SPOOL_MEMORY  # --out -: bytes of out-of-order blocks held in memory before spooling
     spool_dir: str | None = None  # --out -: where the spool file goes (default: the temp directory)
     commit_interval_s: float = 0.1  # a written block is committed to the journal within about this long
+    # Unicast fallback (see clientagent.unicast): fetch over HTTP from the start (``unicast``), or once
+    # nothing arrived on the group for ``unicast_after_s`` (only when the deployment allows fallback).
+    unicast: bool = False
+    unicast_after_s: float = 10.0
 
     def impairment(self) -> Impairment | None:
         """The TEST FEATURE impairment asked for, or None (the normal case)."""
@@ -129,8 +133,12 @@ Notice = Callable[[str], None]
 
 
 def join_session(opts: ClientOptions, sock, dp_addr,  # type: ignore[no-untyped-def]
-                 client_key: str | None = None) -> Offer | ClientResultInfo:
-    """Ask the DP for a session until offered one, told no, or ``wait_s`` passes."""
+                 client_key: str | None = None, notice: Notice | None = None) -> Offer | ClientResultInfo:
+    """Ask the DP for a session until offered one, told "nothing for you", or ``wait_s`` passes.
+
+    A "wait" (``NoSession`` with a retry) is told to ``notice`` once per change of its reason or
+    expected start ("waiting: <reason>, expected start <time>"), not per retry.
+    """
     assert opts.dp is not None
     join = codec.encode(Join(client_id=opts.client_id, deployment=opts.deployment, agent=opts.agent[:64],
                              client_key=client_key, mac=opts.mac, smbios_uuid=opts.smbios_uuid))
@@ -139,6 +147,7 @@ def join_session(opts: ClientOptions, sock, dp_addr,  # type: ignore[no-untyped-
     deadline = time.monotonic() + opts.wait_s
     next_send, interval, last_no = 0.0, 0.25, ""
     heard = False
+    told: tuple[str, float | None] | None = None
     try:
         while (now := time.monotonic()) < deadline:
             if now >= next_send:
@@ -167,7 +176,13 @@ def join_session(opts: ClientOptions, sock, dp_addr,  # type: ignore[no-untyped-
                 return msg
             last_no = msg.reason
             if msg.retry_after_ms == 0:
-                return ClientResultInfo(EXIT_NO_SESSION, f"no session: {msg.reason}")
+                return ClientResultInfo(EXIT_NO_SESSION, f"nothing for you: {msg.reason}")
+            if msg.expected_start is not None:
+                last_no += f" (expected start {_clock(msg.expected_start)})"
+            if notice is not None and told != (msg.reason, msg.expected_start):
+                told = (msg.reason, msg.expected_start)
+                notice(f"waiting: {msg.reason}" + (f", expected start {_clock(msg.expected_start)}"
+                                                   if msg.expected_start is not None else ""))
             next_send = min(deadline, now + msg.retry_after_ms / 1000.0)
     finally:
         sel.close()
@@ -175,6 +190,14 @@ def join_session(opts: ClientOptions, sock, dp_addr,  # type: ignore[no-untyped-
         return ClientResultInfo(EXIT_NO_SESSION, f"no session after waiting {opts.wait_s:g} s: {last_no}")
     return ClientResultInfo(EXIT_NO_SESSION, f"DP {opts.dp[0]}:{opts.dp[1]} did not answer within "
                             f"{opts.wait_s:g} s (is mcdeploy-dp or `mcdeploy send` running there?)")
+
+
+def _clock(unix: float) -> str:
+    """A wall-clock time for people: local time, with the date when it is not today, and the offset from now."""
+    t = time.localtime(unix)
+    left = unix - time.time()
+    when = time.strftime("%H:%M:%S" if t[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M:%S", t)
+    return f"{when} (in {max(0, round(left))} s)"
 
 
 def discover(group: str, port: int, interface: str | None = None, wait: float = 30.0,
@@ -248,7 +271,7 @@ def receive(opts: ClientOptions, progress: Progress | None = None, notice: Notic
     client_secret = X25519PrivateKey.generate()
     client_key = keyexchange.raw_public(client_secret.public_key()).hex()
     try:
-        offer = join_session(opts, ctrl, dp_addr, client_key)
+        offer = join_session(opts, ctrl, dp_addr, client_key, say)
         if isinstance(offer, ClientResultInfo):
             return offer
         session_key: bytes | None = None
@@ -397,19 +420,32 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
     info = ClientResultInfo(EXIT_TRANSFER_FAILED, "", image_bytes=offer.image_size, deployment=offer.deployment)
     assert opts.dp is not None
     interface = opts.interface or interface_towards(opts.dp[0])
-    try:
-        data = open_data_socket(offer.group, offer.port, interface)
-    except (OSError, ValueError) as exc:
-        info.reason = (f"cannot join group {format_hostport(offer.group, offer.port)} via {interface}: "
-                       f"{getattr(exc, 'strerror', None) or exc}")
-        _report_failure(opts, offer, ctrl, dp_addr, info.reason)
-        return info
+    fallback = ""  # why the rest comes by unicast (HTTP), once set
+    data = None
+    if opts.unicast:
+        if not offer.http_url:
+            info.reason = ("--unicast: this deployment does not allow unicast fallback (its offer names no HTTP "
+                           "server)")
+            _report_failure(opts, offer, ctrl, dp_addr, info.reason)
+            return info
+        fallback = "--unicast"
+    else:
+        try:
+            data = open_data_socket(offer.group, offer.port, interface)
+        except (OSError, ValueError) as exc:
+            info.reason = (f"cannot join group {format_hostport(offer.group, offer.port)} via {interface}: "
+                           f"{getattr(exc, 'strerror', None) or exc}")
+            if not offer.http_url:
+                _report_failure(opts, offer, ctrl, dp_addr, info.reason)
+                return info
+            fallback, info.reason = info.reason, ""
     trust = trust or integrity.Trust(None, "none")
     info.manifest = trust.status
     try:
         opened = _open_output(opts, offer, say, trust.manifest)
     except OutputError as exc:
-        data.close()
+        if data is not None:
+            data.close()
         info.exit_code, info.reason = EXIT_OUTPUT_FAILED, str(exc)
         _report_failure(opts, offer, ctrl, dp_addr, info.reason)
         return info
@@ -422,19 +458,27 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
     block_bytes = receiver.layout.block_bytes
     writer = integrity.CheckedWriter(output, committer, trust.manifest, block_bytes, receiver.blocks, opened.done)
     received = 0  # blocks completed by this run (a resumed run: only those the journal did not have)
+    have = set(opened.done)  # blocks written (committed, or waiting for their chunk's check)
     committing = committer is not None  # until the transfer is complete; then the verifier commits the rest
     sel = selectors.DefaultSelector()
-    sel.register(data, selectors.EVENT_READ, "data")
+    if data is not None:
+        sel.register(data, selectors.EVENT_READ, "data")
     sel.register(ctrl, selectors.EVENT_READ, "ctrl")
     bufsize = offer.symbol_size + 256
     next_progress = 0.0
+    last_packet = time.monotonic()
     verifier: Verifier | None = None
     try:
-        while not receiver.done:
+        while not receiver.done and not fallback:
             now = time.monotonic()
+            if (offer.http_url and now - last_packet > opts.unicast_after_s
+                    and receiver.blocks_done < receiver.blocks and verifier is None):
+                fallback = f"nothing arrived on the multicast group for {opts.unicast_after_s:g} s"
+                break
             timeout = max(0.0, min(receiver.get_timer(), now + 0.25) - now)
             for key, _ in sel.select(timeout):
                 if key.data == "data":
+                    assert data is not None
                     for _ in range(512):
                         try:
                             pkt = data.recv(bufsize)
@@ -443,6 +487,7 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                         except OSError:
                             break
                         info.packets += 1
+                        last_packet = now
                         for arrived in (impair.feed(pkt, now) if impair is not None else (pkt,)):
                             try:
                                 w = receiver.receive_datagram(arrived, now)
@@ -453,10 +498,12 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                                 if not got_data:
                                     got_data, first_data = True, now
                                 received += 1
+                                have.add(w[0] // block_bytes)
                                 again = writer.write(w[0], w[1], now)
                                 if again:  # a chunk failed the manifest: receive its blocks again
                                     receiver.forget(again, now)
                                     received -= len(again)
+                                    have.difference_update(again)
                 else:
                     _read_control(ctrl, dp_addr, receiver, now)
             now = time.monotonic()
@@ -481,6 +528,7 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                     info.reason = ev.reason
                 elif isinstance(ev, Moved):
                     # A slower tier of the same session: keep every block, listen to its group instead.
+                    assert data is not None
                     sel.unregister(data)
                     data.close()
                     data = open_data_socket(ev.group, ev.port, interface)
@@ -505,6 +553,21 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
             if progress is not None and now >= next_progress:
                 next_progress = now + 0.5
                 progress(receiver.blocks_done, receiver.blocks)
+        if (not fallback and receiver.unicast_allowed and offer.http_url and not info.verified
+                and info.exit_code == EXIT_TRANSFER_FAILED):
+            fallback = info.reason or "dropped by the DP"  # dropped from the multicast, unicast allowed
+        if fallback and not info.verified:
+            if data is not None:
+                sel.unregister(data)
+                data.close()
+                data = None
+            if verifier is not None:  # dropped while verifying: let that end first
+                verifier.join(300.0)
+                verifier = None
+            _unicast(opts, offer, ctrl, dp_addr, info, fallback, say, progress, writer, committer, output,
+                     have, received, session_key)
+        elif not info.extra.get("path") and info.verified:
+            info.extra["path"] = "multicast"
     except OutputError as exc:
         info.exit_code, info.reason = EXIT_OUTPUT_FAILED, str(exc)
         _report_failure(opts, offer, ctrl, dp_addr, info.reason)
@@ -513,7 +576,8 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
         _report_failure(opts, offer, ctrl, dp_addr, info.reason)
     finally:
         sel.close()
-        data.close()
+        if data is not None:
+            data.close()
         if verifier is not None:
             verifier.join(300.0)  # the loop ended while verifying (e.g. dropped): let it stop using the output
         if committer is not None:
@@ -542,6 +606,124 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
     if progress is not None:
         progress(receiver.blocks_done, receiver.blocks)
     return info
+
+
+def _unicast(opts: ClientOptions, offer: Offer, ctrl, dp_addr, info: ClientResultInfo,  # type: ignore[no-untyped-def]
+             why: str, say: Notice, progress: Progress | None, writer: integrity.CheckedWriter,
+             committer: Committer | None, output: FileOutput | PipeOutput, have: set[int], received: int,
+             session_key: bytes | None) -> None:
+    """The unicast fallback: fetch the blocks not in ``have`` over HTTP, check, verify, report ``Done``.
+
+    Every block goes through ``writer`` (manifest chunk checks before commit, as for multicast data);
+    a chunk that fails is fetched again (``writer`` fails the receive on a third failure of one chunk).
+    Sets ``info``'s verdict; raises OutputError / IntegrityError like the multicast path.
+    """
+    layout = Layout(offer.image_size, offer.symbol_size, offer.block_symbols)
+    block_bytes, blocks = layout.block_bytes, layout.blocks
+    missing = [b for b in range(blocks) if b not in have]
+    lacked = sum(min(offer.image_size, (b + 1) * block_bytes) - b * block_bytes for b in missing)
+    info.exit_code, info.reason = EXIT_TRANSFER_FAILED, ""
+    info.extra.update({"unicast_reason": why, "lacked_blocks": len(missing), "lacked_bytes": lacked})
+    say(f"unicast fallback ({why}): fetching {len(missing)} of {blocks} blocks ({lacked} bytes) from "
+        f"{offer.http_url}")
+    fetcher = unicast.Fetcher(offer.http_url, offer.session_id, opts.client_id, offer.http_token,
+                              session_key if offer.encrypted else None, timeout=max(5.0, opts.idle_timeout_s))
+    started = time.monotonic()
+    next_status = 0.0
+
+    def keepalive() -> None:
+        nonlocal next_status
+        now = time.monotonic()
+        if committer is not None:
+            committer.poll(now)
+        if now >= next_status:
+            next_status = now + 1.0
+            with contextlib.suppress(OSError):
+                ctrl.sendto(codec.encode(Status(session_id=offer.session_id, client_id=opts.client_id,
+                                                blocks_done=min(len(have), blocks))), dp_addr)
+            if progress is not None:
+                progress(len(have), blocks)
+
+    def sink(offset: int, data: bytes) -> None:
+        b = offset // block_bytes
+        have.add(b)
+        again = writer.write(offset, data, time.monotonic())
+        have.difference_update(again)
+
+    try:
+        for _ in range(integrity.MAX_CHUNK_FAILURES + 1):
+            todo = [b for b in range(blocks) if b not in have]
+            if not todo:
+                break
+            for start, end in unicast.runs(todo, block_bytes, offer.image_size):
+                fetcher.fetch(start, end, block_bytes, sink, keepalive)
+    except unicast.UnicastError as exc:
+        info.reason = f"unicast fallback failed: {exc}"
+        _report_failure(opts, offer, ctrl, dp_addr, info.reason)
+        return
+    finally:
+        fetcher.close()
+    st = fetcher.stats
+    seconds = time.monotonic() - started
+    path = "mixed" if received and st.blocks else "unicast" if st.blocks else "multicast"
+    info.extra.update({"path": path, "unicast_bytes": st.bytes, "unicast_blocks": st.blocks,
+                       "unicast_requests": st.requests, "unicast_seconds": round(seconds, 3),
+                       "unicast_mb_per_s": round(st.bytes / seconds / 1e6, 1) if seconds > 0 else 0.0})
+    verifier = Verifier(output, committer.close if committer is not None else None)
+    while not verifier.finished:
+        verifier.join(0.5)
+        keepalive()
+    if verifier.error is not None:
+        raise verifier.error
+    info.sha256 = verifier.digest
+    if info.sha256 != offer.image_sha256:
+        info.exit_code, info.reason = EXIT_VERIFY_FAILED, "SHA-256 of the written image does not match the offer"
+        _report_failure(opts, offer, ctrl, dp_addr, info.reason)
+        return
+    info.verified = True
+    done = Done(session_id=offer.session_id, client_id=opts.client_id, sha256=info.sha256, bytes=offer.image_size,
+                seconds=round(time.monotonic() - started, 6), path=path)  # type: ignore[arg-type]
+    ack = _report(ctrl, dp_addr, done, 30.0)
+    if ack is None:
+        info.exit_code, info.reason = EXIT_NOT_ACKED, "the DP did not acknowledge our result within 30 s"
+        return
+    info.acknowledged = True
+    if ack.outcome == "done":
+        info.exit_code, info.reason = EXIT_OK, f"verified and acknowledged (delivered by {path})"
+    else:
+        info.reason = f"DP recorded failure: {ack.reason}"
+
+
+def _report(ctrl, dp_addr, msg: Done, timeout: float) -> Ack | None:  # type: ignore[no-untyped-def]
+    """Send ``msg`` until the DP acknowledges it (backing off) or ``timeout`` passes."""
+    sel = selectors.DefaultSelector()
+    sel.register(ctrl, selectors.EVENT_READ)
+    end = time.monotonic() + timeout
+    next_send, backoff = 0.0, 0.2
+    try:
+        while (now := time.monotonic()) < end:
+            if now >= next_send:
+                with contextlib.suppress(OSError):
+                    ctrl.sendto(codec.encode(msg), dp_addr)
+                next_send, backoff = now + backoff, min(2.0, backoff * 2)
+            if not sel.select(max(0.0, min(next_send, end) - now)):
+                continue
+            for _ in range(64):
+                try:
+                    data, addr = ctrl.recvfrom(4096)
+                except OSError:
+                    break
+                if addr[:2] != dp_addr[:2]:
+                    continue
+                try:
+                    ack = codec.decode(data, allowed=(Ack,))
+                except MessageError:
+                    continue
+                if ack.session_id == msg.session_id and ack.client_id == msg.client_id:
+                    return ack
+    finally:
+        sel.close()
+    return None
 
 
 def _settle_journal(journal: Journal, committer: Committer | None, exit_code: int, blocks: int,

@@ -14,7 +14,7 @@ import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clientagent.identity import normalize_mac, normalize_uuid
 from mcproto import codec
@@ -31,6 +31,10 @@ CLIENT_MESSAGES = (Join, Status, Done, Failed, ManifestGet)
 LINGER_S = 120.0  # finished sessions still re-acknowledge late results this long
 NOT_TARGETED = "not targeted by any deployment on this DP"
 NOT_TARGETED_RETRY_MS = 5000
+# A session starting later than this (by its start time or start timeout) tells joining clients to wait
+# (NoSession with its expected start) rather than offering at once; they join shortly before it starts.
+DEFER_LEAD_S = 30.0
+WAIT_RETRY_MS = 5000
 
 
 def _canon(fn: object, text: str | None) -> str | None:
@@ -109,6 +113,8 @@ class SessionHost:
         self._last_log: dict[str, float] = {}
         self.bad_datagrams = 0
         self.datagrams = 0
+        # The unicast fallback's HTTP server (dpagent.imageserver.ImageServer), or None: no fallback.
+        self.http: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -128,6 +134,8 @@ class SessionHost:
         self.sock.close()
 
     def register(self, runner: SessionRunner, targeting: Targeting | None = None) -> None:
+        if self.http is not None and runner.job.unicast_fallback:
+            runner.enable_http(self.http)
         with self._lock:
             self._sessions[runner.session_id] = runner
             self._targeting[runner.session_id] = targeting or Targeting(None)
@@ -139,6 +147,8 @@ class SessionHost:
         with self._lock:
             self._sessions.pop(runner.session_id, None)
             self._finished[runner.session_id] = (time.monotonic(), runner)
+        if runner.http is not None:
+            runner.http.linger(runner.session_id, LINGER_S)
 
     def cancel(self, session_id: int, reason: str) -> bool:
         """Abort a session (now, or as soon as it registers); returns whether it was running here."""
@@ -223,16 +233,48 @@ class SessionHost:
                        for r in self._sessions.values() if not r.finished]
         if join.deployment:
             runners = [(r, t) for r, t in runners if r.deployment == join.deployment]
+        admitted = [(r, t, name) for r, t in runners if (name := t.match(join)) is not None]
+        if not admitted:
+            delivered = self._delivered(join)
+            if delivered is not None:
+                return None, delivered
         if not runners:
             return None, NoSession(reason=f"no session on DP {self.name} for client {join.client_id}",
                                    retry_after_ms=2000)
-        admitted = [(r, t, name) for r, t in runners if (name := t.match(join)) is not None]
         if not admitted:
             return None, NoSession(reason=NOT_TARGETED, retry_after_ms=NOT_TARGETED_RETRY_MS)
         admitted.sort(key=lambda x: (not x[0].knows(join.client_id), x[2] == "", x[0].opened_at))
         runner, targeting, name = admitted[0]
+        if not runner.knows(join.client_id):
+            wait = self._wait(runner, join)
+            if wait is not None:
+                return None, wait
         targeting.admit(join, name, str(addr[0]))
         return runner, NoSession(reason="")
+
+    def _wait(self, runner: SessionRunner, join: Join) -> NoSession | None:
+        """"Wait" for a client of a session that starts later than ``DEFER_LEAD_S`` from now, else None."""
+        expected = runner.expected_start()
+        if expected is None or expected - time.time() <= DEFER_LEAD_S:
+            return None
+        count = runner.defer(join.client_id, time.monotonic())
+        if count is None:
+            return None
+        ready, need = count
+        clients = f", {ready} of {need} clients ready" if need else ""
+        retry = WAIT_RETRY_MS if need else int(min(60.0, max(1.0, expected - time.time() - DEFER_LEAD_S / 2)) * 1000)
+        return NoSession(reason=f"deployment {runner.deployment} on DP {self.name} has not started{clients}",
+                         retry_after_ms=retry, expected_start=round(expected, 3))
+
+    def _delivered(self, join: Join) -> NoSession | None:
+        """"Nothing for you": a recent session of this DP already delivered this client's image."""
+        with self._lock:
+            finished = [r for _, r in self._finished.values()]
+        for r in finished:
+            if (not join.deployment or r.deployment == join.deployment) and r.delivered(join.client_id):
+                return NoSession(reason=f"deployment {r.deployment} already delivered its image to "
+                                 f"{join.client_id} on DP {self.name}", retry_after_ms=0)
+        return None
 
     def _bad(self, addr: tuple[str, int], why: str) -> None:
         self.bad_datagrams += 1

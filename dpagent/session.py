@@ -29,8 +29,12 @@ from mcproto.errors import ConfigError
 from mcproto.events import ClientFinished, ClientJoined, ClientTooSlow, SessionFinished, TransferStarted
 from mcproto.messages import (
     MANIFEST_PART_BYTES,
+    Ack,
     Announce,
     ClientResult,
+    Done,
+    Drop,
+    Failed,
     Join,
     ManifestGet,
     ManifestPart,
@@ -39,14 +43,19 @@ from mcproto.messages import (
     Offer,
     SessionJob,
     SessionReport,
+    Status,
 )
-from mcproto.sender import FINISHED, RatePolicy, Sender, SenderConfig, StartPolicy
+from mcproto.sender import FINISHED, WAITING, RatePolicy, Sender, SenderConfig, StartPolicy
 from mcproto.tiers import TieredSession
 from mcsite.settings import DPSettings
 
 log = logging.getLogger("mcdeploy.dp.session")
 
 PROGRESS_EVERY_S = 1.0
+# Unicast fallback: a client dropped from the multicast (with unicast allowed) fetching over HTTP is
+# waited for this long after its last sign of life (a Status keepalive or an HTTP read).
+UNICAST_IDLE_S = 30.0
+DEFER_SEEN_S = 15.0  # a client told to wait counts towards the start while it asked again within this
 
 
 def open_data_socket(interface: str, ttl: int, group: str = "") -> socket.socket:
@@ -146,7 +155,7 @@ class SessionRunner:
             self._session_key = os.urandom(32)
             self.config = dataclasses.replace(self.config, key=self._session_key, epoch=epoch % 2**32,
                                               offer_hook=self._complete_offer, seal_announce=False)
-        elif self._manifest:
+        elif self._manifest or job.unicast_fallback:
             self.config = dataclasses.replace(self.config, offer_hook=self._complete_offer)
         self._file = open(job.image.path, "rb")  # noqa: SIM115 - closed in run()
         self.sender = self._make_sender()
@@ -157,12 +166,37 @@ class SessionRunner:
         self._wake = threading.Event()
         self._abort_reason = ""
         self.send_errors = 0
+        # Unicast fallback (see dpagent.imageserver): the HTTP server's view of this session, the clients
+        # dropped from the multicast that may fetch over HTTP (id -> last sign of life), finished ones,
+        # and the path each client's Done named.
+        self.http: Any = None
+        self._served: Any = None
+        self._http_secret = os.urandom(32)
+        self._unicast: dict[str, float] = {}
+        self._unicast_done: dict[str, Ack] = {}
+        self._paths: dict[str, str] = {}
+        self._deferred: dict[str, float] = {}  # clients told to wait for the start -> when they last asked
+
+    def enable_http(self, server: Any) -> None:
+        """Serve this session's image on ``server`` (a :class:`dpagent.imageserver.ImageServer`) to its clients."""
+        from dpagent.imageserver import served_for
+
+        self.http = server
+        self._served = served_for(self.session_id, self.job.image.path, self.job.image.size,
+                                  self._session_key if self._identity is not None else None, self.knows,
+                                  self._http_secret)
+        server.add(self._served)
 
     def _complete_offer(self, offer: Offer, join: Join) -> Offer | NoSession:
         """Name the manifest's length, wrap the session key to the joining client's key and sign the offer
         (called under the lock)."""
         if self._manifest:
             offer = offer.model_copy(update={"manifest_bytes": len(self._manifest)})
+        if self.http is not None:
+            from clientagent.unicast import token
+
+            offer = offer.model_copy(update={"http_url": self.http.url(self.session_id),
+                                             "http_token": token(self._http_secret, self.session_id, join.client_id)})
         if self._identity is None:
             return offer
         if join.client_key is None:
@@ -187,6 +221,48 @@ class SessionRunner:
     def knows(self, client_id: str) -> bool:
         return client_id in self.sender.clients
 
+    def delivered(self, client_id: str) -> bool:
+        """This client's image was delivered and verified in this session (by either path)."""
+        with self._lock:
+            client = self.sender.clients.get(client_id)
+            acked = self._unicast_done.get(client_id)
+            return (getattr(client, "state", "") == "done") or (acked is not None and acked.outcome == "done")
+
+    def expected_start(self) -> float | None:
+        """While the session waits for its start: when its start policy starts it at the latest (Unix time).
+
+        The earliest of its start time and its opening plus its start timeout; None once started (or
+        with no time condition: it starts when enough clients joined).
+        """
+        with self._lock:
+            if self.sender.state != WAITING:
+                return None
+            start = self.config.start
+        mono = [t for t in (start.at, None if start.delay is None else self.opened_at + start.delay) if t is not None]
+        return time.time() + (min(mono) - time.monotonic()) if mono else None
+
+    def defer(self, client_id: str, now: float) -> tuple[int, int] | None:
+        """Whether a client asking now should wait instead of joining: (ready, needed), or None to offer.
+
+        Clients told to wait still count towards a start by client count: once those that joined plus
+        those waiting (asked within ``DEFER_SEEN_S``) reach it, everyone is offered the session.
+        """
+        with self._lock:
+            self._deferred[client_id] = now
+            for c in [c for c, t in self._deferred.items() if now - t > DEFER_SEEN_S]:
+                del self._deferred[c]
+            ready = len(self.sender.clients) + sum(1 for c in self._deferred if c not in self.sender.clients)
+            need = self.config.start.clients
+        if need and ready >= need:
+            return None
+        return ready, need
+
+    @property
+    def unicast_clients(self) -> int:
+        """Clients dropped from the multicast still fetching over HTTP."""
+        with self._lock:
+            return len(self._unicast)
+
     def _read(self, offset: int, length: int) -> bytes:
         self._file.seek(offset)
         return self._file.read(length)
@@ -198,6 +274,11 @@ class SessionRunner:
         if isinstance(msg, ManifestGet):
             self._serve_manifest(msg, addr)
             return
+        if isinstance(msg, Done | Failed | Status) and self._on_unicast(msg, addr):
+            return
+        if isinstance(msg, Done):
+            with self._lock:
+                self._paths[msg.client_id] = msg.path
         with self._lock:
             self.sender.handle_message(msg, addr, time.monotonic())
             events, replies = self._drain()
@@ -213,6 +294,58 @@ class SessionRunner:
         part = self._manifest[msg.offset:msg.offset + MANIFEST_PART_BYTES]
         self._reply(ManifestPart(session_id=self.session_id, offset=msg.offset, total=len(self._manifest),
                                  data=part), addr)
+
+    def _on_unicast(self, msg: Done | Failed | Status, addr: object) -> bool:
+        """A message of a client dropped from the multicast that fetches over HTTP; False: not such a client."""
+        with self._lock:
+            if msg.session_id != self.session_id:
+                return False
+            acked = self._unicast_done.get(msg.client_id)
+            if acked is not None:
+                if not isinstance(msg, Status):
+                    self._reply(acked, addr)  # a repeated result: the same answer
+                return True
+            if msg.client_id not in self._unicast:
+                return False
+            self._unicast[msg.client_id] = time.monotonic()
+            if isinstance(msg, Status):
+                return True
+            client = self.sender.clients.get(msg.client_id)
+            address = str(getattr(client, "address", "") or addr)
+            del self._unicast[msg.client_id]
+        if isinstance(msg, Done):
+            ok = msg.sha256 == self.job.image.sha256 and msg.bytes == self.job.image.size
+            result = ClientResult(
+                deployment=self.deployment, session_id=self.session_id, dp=self.job.dp, client_id=msg.client_id,
+                outcome="done" if ok else "failed", sha256=msg.sha256,
+                reason="" if ok else "digest reported by client does not match the image",
+                bytes=msg.bytes if ok else 0, seconds=msg.seconds, address=address[:128], path=msg.path)
+        else:
+            result = ClientResult(deployment=self.deployment, session_id=self.session_id, dp=self.job.dp,
+                                  client_id=msg.client_id, outcome="failed",
+                                  reason=f"unicast fallback: {msg.reason}"[:500], address=address[:128])
+        log.info("client %s by %s deployment=%s client=%s %s", result.outcome, result.path, self.deployment,
+                 msg.client_id, result.reason)
+        self._relay.send(result)  # recorded or spooled before the client hears the ack
+        ack = Ack(session_id=self.session_id, client_id=msg.client_id, outcome=result.outcome, reason=result.reason)
+        with self._lock:
+            self._unicast_done[msg.client_id] = ack
+        self._reply(ack, addr)
+        self._wake.set()
+        return True
+
+    def _expire_unicast(self, now: float, reason: str = "") -> None:
+        """Fail unicast clients silent for ``UNICAST_IDLE_S`` (all of them with ``reason``)."""
+        with self._lock:
+            gone = [c for c, seen in self._unicast.items() if reason or now - max(
+                seen, self._served.last_seen.get(c, 0.0) if self._served is not None else 0.0) > UNICAST_IDLE_S]
+            for c in gone:
+                del self._unicast[c]
+        for c in gone:
+            why = reason or f"unicast fallback: no word from the client for {UNICAST_IDLE_S:g} s"
+            log.info("client failed deployment=%s client=%s %s", self.deployment, c, why)
+            self._relay.send(ClientResult(deployment=self.deployment, session_id=self.session_id, dp=self.job.dp,
+                                          client_id=c, outcome="failed", reason=why[:500]))
 
     def abort(self, reason: str) -> None:
         self._abort_reason = reason
@@ -255,7 +388,18 @@ class SessionRunner:
                     next_progress = now + PROGRESS_EVERY_S
                     self._report_progress(now)
                 if self.finished and timer == float("inf"):
-                    break
+                    # The multicast is over; clients dropped to unicast are waited for (bounded).
+                    if self._abort_reason:
+                        self._expire_unicast(now, self._abort_reason)
+                    elif now - self.opened_at >= self.job.deadline_s:
+                        self._expire_unicast(now, "session deadline reached")
+                    else:
+                        self._expire_unicast(now)
+                    if not self.unicast_clients:
+                        break
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
                 delay = timer - time.monotonic()
                 if delay > 0:
                     self._wake.wait(min(delay, 0.1))
@@ -285,6 +429,8 @@ class SessionRunner:
 
     def _dispatch(self, events: list[Any], replies: list[tuple[Message, object]]) -> None:
         job = self.job
+        dropped = {m.client_id for m, _ in replies
+                   if isinstance(m, Drop) and m.unicast_allowed and self.http is not None}
         for ev in events:
             if isinstance(ev, ClientJoined):
                 log.info("client joined deployment=%s client=%s from=%s", job.deployment, ev.client_id,
@@ -293,6 +439,12 @@ class SessionRunner:
                 log.info("transfer started deployment=%s clients=%d reason=%s", job.deployment, ev.clients,
                          ev.reason)
                 self._relay.send(self._report("transferring"))
+            elif isinstance(ev, ClientFinished) and ev.client_id in dropped and ev.outcome == "failed":
+                # Dropped from the multicast, may fetch the rest over HTTP: its result comes later.
+                log.info("client dropped to unicast deployment=%s client=%s: %s", job.deployment, ev.client_id,
+                         ev.reason)
+                with self._lock:
+                    self._unicast[ev.client_id] = time.monotonic()
             elif isinstance(ev, ClientFinished):
                 log.info("client %s deployment=%s client=%s %s", ev.outcome, job.deployment, ev.client_id,
                          ev.reason)
@@ -300,6 +452,7 @@ class SessionRunner:
                     deployment=job.deployment, session_id=job.session_id, dp=job.dp, client_id=ev.client_id,
                     outcome=ev.outcome, sha256=ev.sha256, reason=ev.reason[:500], bytes=ev.bytes,
                     seconds=round(ev.seconds, 6), address=ev.address[:128],
+                    path=self._paths.get(ev.client_id, "multicast") if ev.outcome == "done" else "multicast",  # type: ignore[arg-type]
                 ))
             elif isinstance(ev, ClientTooSlow):
                 log.info("client moved to a slower tier deployment=%s client=%s receiving=%.1f Mbit/s",

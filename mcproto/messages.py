@@ -31,6 +31,9 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 # not tuples, because msgpack round-trips tuples as lists.
 NeedRange = Annotated[list[Annotated[int, Field(ge=0, lt=2**32)]], Field(min_length=3, max_length=3)]
 
+# Which path delivered a client's image: the multicast session, the DP's HTTP (unicast fallback), or both.
+DeliveryPath = Literal["multicast", "unicast", "mixed"]
+
 MAX_RANGES_PER_STATUS = 64
 # The signed manifest travels to clients in parts that fit one session-plane datagram; it is at
 # most 65,536 chunk digests plus a little (see mcproto.manifest), so ~1,100 parts.
@@ -97,6 +100,10 @@ class Offer(Message):
     signature: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")] | None = None
     # Length of the controller-signed image manifest the DP serves (ManifestGet); 0: none.
     manifest_bytes: Annotated[int, Field(ge=0, le=MAX_MANIFEST_BYTES)] = 0
+    # Unicast fallback (deployments that allow it): where the DP serves the image over HTTP with range
+    # requests, and this client's token for it (sent back in a header; covered by the DP's signature).
+    http_url: Annotated[str, StringConstraints(max_length=200)] = ""
+    http_token: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{32})?$")] = ""
 
 
 class ManifestGet(Message):
@@ -119,11 +126,17 @@ class ManifestPart(Message):
 
 
 class NoSession(Message):
-    """DP -> client: nothing to join now; ``retry_after_ms`` > 0 means "wait and ask again"."""
+    """DP -> client: nothing to join now.
+
+    ``retry_after_ms`` > 0 means "wait and ask again" ("wait"); 0 means "nothing for you" (stop).
+    ``expected_start``: when the session this client waits for is expected to start (Unix seconds),
+    if a start policy says so (its start time, or its opening plus its start timeout).
+    """
 
     type: Literal["no_session"] = "no_session"
     reason: Reason
     retry_after_ms: Annotated[int, Field(ge=0, le=3_600_000)] = 0
+    expected_start: Annotated[float, Field(gt=0)] | None = None
 
 
 class Status(Message):
@@ -151,6 +164,7 @@ class Done(Message):
     sha256: Sha256Hex
     bytes: Annotated[int, Field(ge=0)]
     seconds: Annotated[float, Field(ge=0)]
+    path: DeliveryPath = "multicast"
 
 
 class Failed(Message):
@@ -320,6 +334,7 @@ class ClientResult(Message):
     bytes: Annotated[int, Field(ge=0)] = 0
     seconds: Annotated[float, Field(ge=0)] = 0.0
     address: Annotated[str, StringConstraints(max_length=128)] = ""
+    path: DeliveryPath = "multicast"  # which path delivered the image (done results)
 
 
 class SessionReport(Message):

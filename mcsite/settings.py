@@ -125,5 +125,9 @@ class DPSettings(_Component):
                            "$XDG_DATA_HOME/mcdeploy/spool-<name>; 'memory' = not durable.")
     block_symbols: int = Field(128, ge=1, le=255, description="Source symbols per Reed-Solomon block (k; "
                                "k + repairs <= 256). Larger k: less repair overhead, more CPU per block.")
+    http_port: int = Field(0, ge=-1, le=65535, description="TCP port of the unicast fallback's HTTP server "
+                           "(on control_host; offers name its URL): 0 = any free port, -1 = no unicast fallback.")
+    http_rate_mbps: float = Field(0.0, ge=0, description="Unicast fallback: ceiling of each HTTP transfer's rate "
+                                  "(0 = none).")
     concurrency: int = Field(4, ge=1, le=64, description="Sessions this agent runs at once.")
     heartbeat_s: float = Field(5.0, gt=0, description="How often the agent registers itself.")
