@@ -156,7 +156,7 @@ def retry(state: State, app: Celery, dep_id: str, ctl: ControllerSettings | None
 
 REPORT_COLUMNS = ("client", "mac", "smbios_uuid", "dp", "session", "attempt", "state", "reason", "created_at",
                   "staging_at", "waiting_at", "joined_at", "transferring_at", "ended_at", "seconds",
-                  "bytes", "sha256", "address")
+                  "bytes", "sha256", "address", "path")
 
 
 def _iso(ts: Any) -> str:
@@ -180,7 +180,9 @@ def client_rows(dep: dict[str, Any], targets: dict[str, dict[str, Any]]) -> list
                          **{f"{s}_at": t.get(f"{s}_at", "") for s in ("created", "staging", "waiting", "joined",
                                                                      "transferring", "ended")},
                          "seconds": r.get("seconds", ""), "bytes": r.get("bytes", ""), "sha256": r.get("sha256") or "",
-                         "address": r.get("address", ""), "history": t.get("history", [])})
+                         "address": r.get("address", ""),
+                         "path": r.get("path", "") if r.get("outcome") == "done" else "",
+                         "history": t.get("history", [])})
         return rows
     progress = dep.get("progress", {})
     for name in sorted(set(results) | set(progress)):
@@ -194,7 +196,7 @@ def client_rows(dep: dict[str, Any], targets: dict[str, dict[str, Any]]) -> list
                      "transferring_at": "", "ended_at": f"{r['recorded_at']:.3f}" if r else "",
                      "seconds": r.get("seconds", "") if r else "", "bytes": r.get("bytes", "") if r else "",
                      "sha256": (r.get("sha256") or "") if r else "", "address": r.get("address", "") if r else "",
-                     "history": []})
+                     "path": r.get("path", "") if r and r.get("outcome") == "done" else "", "history": []})
     return rows
 
 

@@ -90,6 +90,11 @@ def test_dropped_client_fetches_only_what_it_lacks_over_http(site: Site, tmp_pat
     assert {c: (r["outcome"], r.get("path")) for c, r in dep["clients"].items()} == {
         "uni-fast": ("done", "multicast"), "uni-slow": ("done", "mixed")}
     assert dep["clients"]["uni-slow"]["sha256"] == hashlib.sha256(original).hexdigest()
+    report = site.mcdeploy("deploy", "report", dep_id, "--format", "csv")
+    assert report.returncode == 0, report.stderr
+    rows = report.stdout.strip().splitlines()
+    assert rows[0].endswith(",address,path")
+    assert {r.split(",")[0]: r.split(",")[-1] for r in rows[1:]} == {"uni-fast": "multicast", "uni-slow": "mixed"}
     print(f"\nunicast: dropped client fetched {s['unicast_bytes']} of {image.stat().st_size} bytes "
           f"({s['unicast_mb_per_s']} MB/s)")
 
