@@ -33,15 +33,17 @@ def run(args: argparse.Namespace, state: State, console: Console) -> int:
         if args.json:
             print(json.dumps(views))
             return 0
-        table = Table("DP", "alive", "drained", "control", "sessions", "live", "max rate", "max clients",
-                      "version", "bad datagrams", "identity (--dp-key)")
+        from rich.table import Column
+
+        widest = max((len(v["name"]) for v in views), default=2)
+        table = Table(Column("DP", no_wrap=True, min_width=widest), "alive", "drained", "control", "sessions",
+                      "max rate", "version", Column("identity (--dp-key)", overflow="fold"))
         for v in views:
             reg, cfg = v["registration"], v["config"]
             rate = cfg.get("max_rate_mbps") or reg.get("max_rate_mbps", "-")
             table.add_row(v["name"], "yes" if v["alive"] else "[red]no[/]", "[yellow]yes[/]" if v["drained"] else "no",
                           reg.get("control", "-"), f"{reg.get('sessions', '-')}/{reg.get('concurrency', '-')}",
-                          str(len(v["sessions"])), f"{rate}" + (" (set)" if cfg.get("max_rate_mbps") else ""),
-                          cfg.get("max_clients") or "-", reg.get("version", "-"), reg.get("bad_datagrams", "-"),
+                          f"{rate}" + (" (set)" if cfg.get("max_rate_mbps") else ""), reg.get("version", "-"),
                           reg.get("key_fingerprint", "-"))
         console.print(table)
         return 0
