@@ -31,8 +31,8 @@ CLIENT_MESSAGES = (Join, Status, Done, Failed, ManifestGet)
 LINGER_S = 120.0  # finished sessions still re-acknowledge late results this long
 NOT_TARGETED = "not targeted by any deployment on this DP"
 NOT_TARGETED_RETRY_MS = 5000
-# A session starting later than this (by its start time or start timeout) tells joining clients to wait
-# (NoSession with its expected start) rather than offering at once; they join shortly before it starts.
+# A scheduled session (start_at) starting later than this (by its start time or start timeout) tells joining
+# clients to wait (NoSession with its expected start) rather than offering at once; they join shortly before.
 DEFER_LEAD_S = 30.0
 WAIT_RETRY_MS = 5000
 
@@ -254,6 +254,8 @@ class SessionHost:
 
     def _wait(self, runner: SessionRunner, join: Join) -> NoSession | None:
         """"Wait" for a client of a session that starts later than ``DEFER_LEAD_S`` from now, else None."""
+        if runner.job.start_at is None:  # only scheduled sessions defer: the others offer at once, as ever
+            return None
         expected = runner.expected_start()
         if expected is None or expected - time.time() <= DEFER_LEAD_S:
             return None
