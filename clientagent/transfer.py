@@ -39,7 +39,7 @@ from clientagent.output import SPOOL_MEMORY, FileOutput, OutputError, PipeOutput
 from mcproto import codec, keyexchange, packets, seal
 from mcproto.errors import MessageError, PacketError
 from mcproto.events import Acknowledged, GaveUp, Moved, TransferComplete
-from mcproto.fec import Layout
+from mcproto.fec import offer_layout
 from mcproto.manifest import Manifest, ManifestError
 from mcproto.messages import Ack, Announce, Done, Join, NoSession, Offer, Status
 from mcproto.receiver import Receiver
@@ -351,7 +351,7 @@ def _open_output(opts: ClientOptions, offer: Offer, say: Notice, manifest: Manif
     Order matters for power loss: a fresh journal is durable before the output is truncated, so
     a journal never outlives the data it describes.  Raises :class:`OutputError`.
     """
-    layout = Layout(offer.image_size, offer.symbol_size, offer.block_symbols)
+    layout = offer_layout(offer)
     if classify(opts.out) == "stdout":
         out = PipeOutput(offer.image_size, layout.block_bytes, memory_limit=opts.spool_memory,
                          spool_dir=opts.spool_dir, manifest=manifest)
@@ -618,7 +618,7 @@ def _unicast(opts: ClientOptions, offer: Offer, ctrl, dp_addr, info: ClientResul
     a chunk that fails is fetched again (``writer`` fails the receive on a third failure of one chunk).
     Sets ``info``'s verdict; raises OutputError / IntegrityError like the multicast path.
     """
-    layout = Layout(offer.image_size, offer.symbol_size, offer.block_symbols)
+    layout = offer_layout(offer)
     block_bytes, blocks = layout.block_bytes, layout.blocks
     missing = [b for b in range(blocks) if b not in have]
     lacked = sum(min(offer.image_size, (b + 1) * block_bytes) - b * block_bytes for b in missing)

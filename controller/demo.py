@@ -28,7 +28,7 @@ from rich.table import Table
 from controller import api
 from mcproto import manifest as mf
 from mcproto.errors import ConfigError
-from mcproto.fec import Layout
+from mcproto.fec import layout_for
 from mcproto.messages import DeployRequest
 from mcsite import identity
 from mcsite.celeryapp import app, configure
@@ -156,7 +156,7 @@ def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: st
         clients.append((cid, path, proc))
 
     dps = DPSettings()
-    total_blocks = Layout(size, dps.symbol_size, dps.block_symbols).blocks or 1
+    total_blocks = layout_for(dps.fec, size, dps.symbol_size, dps.block_symbols, dps.repair_symbols).blocks or 1
     results: dict[str, dict[str, Any]] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f} %"),
                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err,

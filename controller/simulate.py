@@ -10,8 +10,9 @@ count-based model of ``mcproto.receiver.Receiver`` (exact because the code is
 MDS; see that module), fed the sender's actual packets through a per-receiver
 lossy channel.  Beside the fleet, a few real ``Receiver`` objects ("witnesses",
 ``--real``) get the same packets through their own channels, write real
-bytearrays, decode with zfec and check the SHA-256: every run proves the decode
-path bit-exact.  ``--cross-check`` makes the witnesses replay the loss decisions
+bytearrays, decode with the session's code (``--fec``: the wide GF(2^16) "rs16"
+by default, zfec "rs") and check the SHA-256: every run proves the decode path
+bit-exact.  ``--cross-check`` makes the witnesses replay the loss decisions
 of the first fleet receivers and compares every status they send.
 
 Cost accounting: ``bytes_sent`` is every datagram the sender emitted (data and
@@ -42,6 +43,7 @@ import numpy as np
 from mcproto import codec, packets
 from mcproto.errors import PacketError
 from mcproto.events import Acknowledged, GaveUp, TransferComplete
+from mcproto.fec import DEFAULT_FEC, DEFAULT_K, FEC_RS, FEC_RS16, default_k, layout_for
 from mcproto.fleet import ACKED, ReceiverFleet
 from mcproto.messages import Done, Join, Message, Offer, Status
 from mcproto.receiver import Receiver
@@ -54,7 +56,7 @@ virtual clock and report completion times and the wire overhead against image / 
 The receivers are a vectorized count-based model of mcproto.receiver.Receiver (exact: the
 Reed-Solomon code is MDS, so only how many distinct symbols a receiver holds matters).  A few
 real Receiver objects (--real) run beside it on the same packets with their own losses, decode
-with zfec and check SHA-256, so every run also proves the decode path bit-exact.
+with the session's code (--fec) and check SHA-256, so every run also proves the decode path bit-exact.
 
 Channel per receiver: independent loss (--loss), Gilbert-Elliott bursts (--burst), reordering,
 duplication and corruption.  Corruption flips one bit anywhere in the datagram (header, payload
@@ -92,7 +94,9 @@ class SimConfig:
     join_spread: float = 0.5  # the others join at uniform random times in [0, join_spread); the start waits for all
     size: int = 16 * 1024 * 1024
     rate: float = 1000e6 / 8
-    block_symbols: int = 128
+    block_symbols: int = DEFAULT_K[DEFAULT_FEC]
+    fec: str = DEFAULT_FEC
+    repair_symbols: int = 0  # rs16: R (0: the code's default for k)
     symbol_size: int = packets.DEFAULT_SYMBOL_SIZE
     seed: int = 1
     max_time: float | None = None  # None: 30 s + 20 one-pass times
@@ -272,6 +276,7 @@ class Simulation:
             raise ValueError("at least one receiver")
         if cfg.cross_check and cfg.real > cfg.receivers:
             raise ValueError("--cross-check needs --real <= --receivers")
+        layout_for(cfg.fec, cfg.size, cfg.symbol_size, cfg.block_symbols, cfg.repair_symbols)  # ValueError if bad
         self.cfg = cfg
         n, m = cfg.receivers, cfg.real
         self.n, self.m = n, m
@@ -313,7 +318,8 @@ class Simulation:
         scfg = SenderConfig(
             session_id=7, deployment="simulate", group="239.255.0.1", port=5000, image_size=cfg.size,
             image_sha256=self.sha, symbol_size=cfg.symbol_size, block_symbols=cfg.block_symbols,
-            expected_clients=n + m, start=StartPolicy(clients=self.initial), max_rate=cfg.rate, **opts)
+            fec=cfg.fec, repair_symbols=cfg.repair_symbols, expected_clients=n + m,
+            start=StartPolicy(clients=self.initial), max_rate=cfg.rate, **opts)
         view = memoryview(self.image)
         self.sender = Sender(scfg, lambda off, size: view[off:off + size], 0.0)
         self.fleet_ids = [f"fleet{i:05d}" for i in range(n)]
@@ -574,6 +580,7 @@ class Simulation:
             "reorder": cfg.reorder, "duplicate": cfg.duplicate, "corrupt": cfg.corrupt,
             "late_join": [cfg.late_fraction, cfg.late_count] if cfg.late_fraction is not None else None,
             "rate_mbps": cfg.rate * 8 / 1e6, "block_symbols": cfg.block_symbols, "symbol_size": cfg.symbol_size,
+            "fec": cfg.fec, "repair_symbols": self.sender.layout.repair_ids,
             "join_spread_ms": cfg.join_spread * 1000, "tick_ms": cfg.tick * 1000, "rtt_ms": cfg.rtt * 1000,
             "seed": cfg.seed,
             "sender_options": cfg.sender_options,
@@ -714,7 +721,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the receivers that are not late join at random times over this span; the transfer starts "
                         "when all have joined (default 500 ms: report timers out of step, as in real life)")
     p.add_argument("--rate", type=float, default=1000.0, metavar="MBPS", help="virtual link rate (default 1000)")
-    p.add_argument("--block-symbols", type=int, default=128, help="source symbols per block, k (default 128)")
+    p.add_argument("--fec", choices=(FEC_RS16, FEC_RS), default=DEFAULT_FEC,
+                   help=f"erasure code: {FEC_RS16} (Reed-Solomon over GF(2^16), k up to 32768) or {FEC_RS} (zfec, "
+                        f"GF(2^8), k up to 255) (default {DEFAULT_FEC})")
+    p.add_argument("--block-symbols", type=int, default=None, metavar="K",
+                   help=f"source symbols per block, k (default {DEFAULT_K[FEC_RS16]} for {FEC_RS16}, "
+                        f"{DEFAULT_K[FEC_RS]} for {FEC_RS})")
+    p.add_argument("--repair-symbols", type=int, default=0, metavar="R",
+                   help=f"{FEC_RS16} only: repair symbol ids per block (default: the power of two >= k, >= 64)")
     p.add_argument("--symbol-size", type=int, default=packets.DEFAULT_SYMBOL_SIZE, help="bytes per symbol")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-time", type=float, metavar="S",
@@ -739,7 +753,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         duplicate=args.duplicate, corrupt=args.corrupt,
         late_fraction=late[0] if late else None, late_count=late[1] if late else 1,
         join_spread=args.join_spread / 1000,
-        size=args.size, rate=args.rate * 1e6 / 8, block_symbols=args.block_symbols,
+        size=args.size, rate=args.rate * 1e6 / 8,
+        block_symbols=args.block_symbols if args.block_symbols is not None else default_k(args.fec, args.symbol_size),
+        fec=args.fec, repair_symbols=args.repair_symbols,
         symbol_size=args.symbol_size, seed=args.seed, max_time=args.max_time, tick=args.tick / 1000,
         rtt=args.rtt / 1000, real=args.real, cross_check=args.cross_check,
         sender_options=dict(args.sender_opt),

@@ -53,6 +53,8 @@ from dpagent.session import SessionRunner
 from dpagent.staging import file_sha256
 from mcproto import codec, seal
 from mcproto.errors import ConfigError
+from mcproto.fec import DEFAULT_FEC, DEFAULT_K, FEC_RS, FEC_RS16, default_k
+from mcproto.fec_wide import K_MAX, R_MAX
 from mcproto.messages import Announce, ClientResult, ImageRef, Message, SessionJob, SessionReport
 from mcproto.sender import StartPolicy
 from mcsite.settings import DPSettings
@@ -139,8 +141,16 @@ def add_send_arguments(p: argparse.ArgumentParser) -> None:
                    help="start S seconds after the sender started (if a receiver joined by then)")
     p.add_argument("--start-at", type=parse_time, default=None, metavar="TIME",
                    help="start at TIME, ISO 8601 local time or Unix seconds (if a receiver joined by then)")
-    p.add_argument("--block-symbols", type=int, default=128, metavar="K",
-                   help="source symbols per Reed-Solomon block, 1..255 (default 128)")
+    p.add_argument("--fec", choices=(FEC_RS16, FEC_RS), default=DEFAULT_FEC,
+                   help=f"erasure code: {FEC_RS16} (Reed-Solomon over GF(2^16): large blocks, least overhead) or "
+                        f"{FEC_RS} (zfec, GF(2^8): blocks of at most 255 symbols) (default {DEFAULT_FEC})")
+    p.add_argument("--block-symbols", type=int, default=None, metavar="K",
+                   help=f"source symbols per Reed-Solomon block: 1..{K_MAX} for {FEC_RS16} (default "
+                        f"{DEFAULT_K[FEC_RS16]}, fewer for symbols over 1400 bytes: blocks of ~1.4 MB), "
+                        f"1..255 for {FEC_RS} (default {DEFAULT_K[FEC_RS]})")
+    p.add_argument("--repair-symbols", type=int, default=0, metavar="R",
+                   help=f"{FEC_RS16} only: repair symbol ids per block, 1..{R_MAX} (default: the power of two "
+                        ">= K, at least 64)")
     p.add_argument("--symbol-size", type=int, default=None, metavar="B",
                    help="payload bytes per packet, 256..8900 (default 1400, or 1392 with a key: fits a 1,500-byte "
                    "MTU either way)")
@@ -257,8 +267,13 @@ def _check_send(args: argparse.Namespace) -> None:
         (0 < args.rate <= 100_000, "--rate must be in (0, 100000] Mbit/s"),
         (0 <= args.min_receivers <= 100_000, "--min-receivers must be 0..100000"),
         (args.start_delay is None or args.start_delay > 0, "--start-delay must be > 0"),
-        (1 <= args.block_symbols <= 255, "--block-symbols must be 1..255"),
+        (args.fec != FEC_RS or 1 <= args.block_symbols <= 255, f"--block-symbols must be 1..255 with --fec {FEC_RS}"),
+        (args.fec != FEC_RS16 or 1 <= args.block_symbols <= K_MAX,
+         f"--block-symbols must be 1..{K_MAX} with --fec {FEC_RS16}"),
+        (args.fec != FEC_RS or args.repair_symbols == 0, f"--repair-symbols applies to --fec {FEC_RS16} only"),
+        (0 <= args.repair_symbols <= R_MAX, f"--repair-symbols must be 1..{R_MAX}"),
         (256 <= args.symbol_size <= 8900, "--symbol-size must be 256..8900"),
+        (args.fec != FEC_RS16 or args.symbol_size % 2 == 0, f"--symbol-size must be even with --fec {FEC_RS16}"),
         (args.deployment is None or bool(_NAME_RE.match(args.deployment)),
          "--deployment: use 1-128 of A-Z a-z 0-9 . _ : @ -"),
     ]
@@ -357,6 +372,8 @@ def run_send(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     if args.symbol_size is None:
         args.symbol_size = 1392 if shared_key else 1400
+    if args.block_symbols is None:
+        args.block_symbols = default_k(args.fec, args.symbol_size)
     _check_send(args)
     path = os.path.abspath(args.file)
     try:
@@ -389,7 +406,8 @@ def run_send(args: argparse.Namespace) -> int:
             name=DP_NAME, control_host=control_host, control_port=host.address[1],
             mcast_interface=args.interface, mcast_interface6=args.interface, mcast_ttl=args.ttl, encrypt=False,
             max_rate_mbps=args.rate,
-            symbol_size=args.symbol_size, block_symbols=args.block_symbols)
+            symbol_size=args.symbol_size, block_symbols=args.block_symbols, fec=args.fec,
+            repair_symbols=args.repair_symbols)
         runner = StandaloneRunner(
             job, settings, host.reply, relay, start_clients=args.min_receivers, start_delay=args.start_delay,
             start_at=args.start_at, join_window=0.0 if args.exit_when_done else JOIN_WINDOW_S,
@@ -477,6 +495,7 @@ def _summary(runner: SessionRunner, relay: LocalRelay, size: int, sha256: str) -
         "mb_per_s": round(size / seconds / 1e6, 2) if seconds else 0.0,
         "wire_mb_per_s": round(bytes_sent / seconds / 1e6, 2) if seconds else 0.0,
         "repair_symbols": int(stats["repair_symbols"]), "source_symbols": int(stats["source_symbols"]),
+        "fec": sender.layout.fec, "block_symbols": sender.layout.k, "repair_ids": sender.layout.repair_ids,
         "finish_reason": sender.finish_reason, "clients": clients,
     }
 

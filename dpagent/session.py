@@ -124,7 +124,8 @@ class SessionRunner:
         self.config = SenderConfig(
             session_id=job.session_id, deployment=job.deployment, group=job.group, port=job.port,
             image_size=job.image.size, image_sha256=job.image.sha256, symbol_size=settings.symbol_size,
-            block_symbols=settings.block_symbols, expected_clients=job.expected_clients,
+            block_symbols=settings.block_symbols, fec=settings.fec, repair_symbols=settings.repair_symbols,
+            expected_clients=job.expected_clients,
             start=StartPolicy(
                 clients=job.start_clients or job.expected_clients, delay=job.start_timeout_s,
                 at=None if job.start_at is None else self.opened_at + (job.start_at - time.time()),

@@ -10,12 +10,12 @@ which the client does not ship, and it exists so that the *real* sans-I/O
 seconds instead of the ~200 M Python calls a thousand real ``Receiver``
 objects would cost for a 256 MiB image.
 
-Why counting is exact: the erasure code is Reed-Solomon (:mod:`mcproto.fec`),
-which is MDS, so a receiver holding any ``k`` distinct symbol ids of a block
+Why counting is exact: the erasure code is Reed-Solomon (:mod:`mcproto.fec`, zfec
+"rs" or the wide "rs16"), which is MDS, so a receiver holding any ``k`` distinct symbol ids of a block
 decodes it, and what a receiver asks for ("block b: m more") depends only on
 *how many* distinct ids it holds.  The fleet therefore keeps, per receiver and
-per block with traffic in flight, the set of ids held (a 256-bit bitset per
-receiver) and the count, and forgets a block as soon as no receiver still
+per block with traffic in flight, the set of ids held (an n_max-bit bitset per
+receiver: 256 bits for zfec, k + R for rs16) and the count, and forgets a block as soon as no receiver still
 collecting it holds part of it (a receiver with no symbol of a block and one
 that never saw the block are the same).  Payload bytes are never looked at: the
 fleet proves the *policy* (who asks for what, when), while the simulator's few
@@ -43,7 +43,7 @@ import numpy as np
 
 from mcproto import packets
 from mcproto.errors import PacketError
-from mcproto.fec import N_MAX, Layout
+from mcproto.fec import offer_layout
 from mcproto.messages import MAX_RANGES_PER_STATUS, Ack, Done, Drop, Message, Offer, Status
 
 # Receiver states, as small integers so that they vectorize (names as in mcproto.receiver).
@@ -54,8 +54,6 @@ REPORTING = 3
 ACKED = 4
 GAVE_UP = 5
 STATE_NAMES = ("IDLE", "RECEIVING", "COMPLETE", "REPORTING", "ACKED", "GAVE_UP")
-
-_WORDS = N_MAX // 64  # a block's symbol ids as 4 x 64-bit words per receiver
 
 
 class ReceiverFleet:
@@ -82,8 +80,10 @@ class ReceiverFleet:
         self.offer = offer
         self.n = n
         self.session_id = offer.session_id
-        self.layout = Layout(offer.image_size, offer.symbol_size, offer.block_symbols)
+        self.layout = offer_layout(offer)
         self.blocks = self.layout.blocks
+        self._n_max = self.layout.n_max(0)  # symbol ids per block (the last block may have fewer)
+        self._words = -(-self._n_max // 64)  # a block's symbol ids as 64-bit words per receiver
         self.image_sha256 = image_sha256
         self.client_ids = client_ids or [f"fleet{i:05d}" for i in range(n)]
         self._ss = offer.symbol_size
@@ -132,8 +132,8 @@ class ReceiverFleet:
         self._slot_of = np.full(nb, -1, dtype=np.int64)
         self._slot_block: dict[int, int] = {}  # slot -> block
         self._free: list[int] = []
-        self._have = np.zeros((0, _WORDS, n), dtype=np.uint64)
-        self._count = np.zeros((0, n), dtype=np.int16)
+        self._have = np.zeros((0, self._words, n), dtype=np.uint64)
+        self._count = np.zeros((0, n), dtype=np.int32)
         self.peak_tracked_blocks = 0
         self.data_deliveries = 0
 
@@ -170,7 +170,7 @@ class ReceiverFleet:
                 hb = packets.parse_heartbeat(session, memoryview(data)[packets.HEADER_SIZE:packets.HEADER_SIZE + plen])
                 if hb.total_blocks != self.blocks:
                     raise PacketError("heartbeat disagrees with the offer")
-            elif block >= self.blocks or esi >= N_MAX or plen != self._ss:
+            elif block >= self.blocks or esi >= self._block_n_max(block) or plen != self._ss:
                 raise PacketError("data packet out of range")
         except PacketError:
             self.rejected += mask
@@ -271,6 +271,9 @@ class ReceiverFleet:
 
     # ------------------------------------------------------------------ internals
 
+    def _block_n_max(self, b: int) -> int:
+        return self._n_max if b + 1 < self.blocks else self.layout.n_max(b)
+
     def _set_state(self, idx: np.ndarray, state: int) -> None:
         self.state[idx] = state
         self._receiving[idx] = state == RECEIVING
@@ -295,12 +298,13 @@ class ReceiverFleet:
             self._has_prompt[pidx] = True
             self.last_block[moved] = b
             self._end_burst(idx)
-        # Receiver.receive_datagram's burst bookkeeping, vectorized (ids modulo 256).
+        # Receiver.receive_datagram's burst bookkeeping, vectorized (ids modulo n_max).
+        n_max = self._block_n_max(b)
         fresh = mask & (self._burst_count == 0)
         cont = mask & ~fresh
-        step = (esi - self._burst_prev) % N_MAX
-        fwd = cont & (step >= 1) & (step <= 128)
-        back = cont & (step > 128)
+        step = (esi - self._burst_prev) % n_max
+        fwd = cont & (step >= 1) & (step <= n_max >> 1)
+        back = cont & (step > n_max >> 1)
         self._burst_gaps += np.where(fwd, step - 1, 0)
         np.maximum(self._burst_gaps - back, 0, out=self._burst_gaps)
         self._burst_prev[fwd | fresh] = esi
@@ -361,8 +365,8 @@ class ReceiverFleet:
         if not self._free:
             cap = len(self._have)
             grow = max(16, cap)
-            self._have = np.concatenate([self._have, np.zeros((grow, _WORDS, self.n), dtype=np.uint64)])
-            self._count = np.concatenate([self._count, np.zeros((grow, self.n), dtype=np.int16)])
+            self._have = np.concatenate([self._have, np.zeros((grow, self._words, self.n), dtype=np.uint64)])
+            self._count = np.concatenate([self._count, np.zeros((grow, self.n), dtype=np.int32)])
             self._free.extend(range(cap + grow - 1, cap - 1, -1))
         s = self._free.pop()
         self._have[s] = 0

@@ -89,8 +89,11 @@ class Offer(Message):
     image_size: Annotated[int, Field(ge=0)]
     image_sha256: Sha256Hex
     symbol_size: Annotated[int, Field(ge=16, le=65000)]
-    block_symbols: Annotated[int, Field(ge=1, le=255)]
-    fec: Literal["rs"] = "rs"
+    block_symbols: Annotated[int, Field(ge=1, le=32768)]
+    # The erasure code (mcproto.fec): "rs" zfec GF(2^8), k <= 255, 256 ids per block; "rs16" GF(2^16),
+    # k <= 32,768, k_b + repair_symbols ids per block (its repair values depend on R: sender and receivers agree).
+    fec: Literal["rs", "rs16"] = "rs"
+    repair_symbols: Annotated[int, Field(ge=0, le=32768)] = 0
     feedback_interval_ms: Annotated[int, Field(ge=5, le=10_000)] = 50
     # Sealed sessions: the session key wrapped to the client's key, and the DP's signature over the offer.
     encrypted: bool = False
@@ -100,6 +103,14 @@ class Offer(Message):
     signature: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")] | None = None
     # Length of the controller-signed image manifest the DP serves (ManifestGet); 0: none.
     manifest_bytes: Annotated[int, Field(ge=0, le=MAX_MANIFEST_BYTES)] = 0
+
+    @model_validator(mode="after")
+    def _fec_geometry(self) -> Offer:
+        if self.fec == "rs" and (self.block_symbols > 255 or self.repair_symbols):
+            raise ValueError("fec rs: block_symbols must be <= 255 and repair_symbols 0")
+        if self.fec == "rs16" and (self.repair_symbols < 1 or self.symbol_size % 2):
+            raise ValueError("fec rs16: repair_symbols must be >= 1 and symbol_size even")
+        return self
     # Unicast fallback (deployments that allow it): where the DP serves the image over HTTP with range
     # requests, and this client's token for it (sent back in a header; covered by the DP's signature).
     http_url: Annotated[str, StringConstraints(max_length=200)] = ""

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from mcproto import packets
 from mcproto.errors import PacketError
 from mcproto.events import Acknowledged, GaveUp, Moved, ReceiverEvent, TransferComplete
-from mcproto.fec import Codec, Layout
+from mcproto.fec import codec_for, offer_layout
 from mcproto.messages import MAX_RANGES_PER_STATUS, Ack, Done, Drop, Failed, Message, Offer, Status
 from mcproto.seal import PacketOpener
 
@@ -63,10 +63,11 @@ class Receiver:
         self.session_id = offer.session_id
         # With a session key every packet must authenticate (format v2); forgeries are PacketErrors.
         self._opener = PacketOpener(key, offer.session_id) if key else None
-        self.layout = Layout(offer.image_size, offer.symbol_size, offer.block_symbols)
+        self.layout = offer_layout(offer)  # zfec "rs" or wide "rs16", as the offer says
         self.blocks = self.layout.blocks
         self._ss = offer.symbol_size
-        self._codec = Codec()
+        self._codec = codec_for(self.layout)
+        self._n_max = self.layout.n_max(0)  # symbol ids per block (the last block may have fewer)
         self._done = bytearray(self.blocks)
         self._partial: dict[int, dict[int, bytes]] = {}  # block -> esi -> symbol
         self.blocks_done = 0
@@ -142,7 +143,8 @@ class Receiver:
             return None
         if block >= self.blocks:
             raise PacketError("block beyond end of image")
-        if esi >= 256:
+        n_max = self._n_max if block + 1 < self.blocks else self.layout.n_max(block)
+        if esi >= n_max:
             raise PacketError("symbol id out of range")
         if plen != self._ss:
             raise PacketError("payload length does not match the offer")
@@ -161,16 +163,16 @@ class Receiver:
                 self._prompt.add(self._last_block)
             self._last_block = block
             self._end_burst()
-        # Symbol ids within a burst are consecutive on the wire (modulo 256: repair ids cycle), so
+        # Symbol ids within a burst are consecutive on the wire (modulo n_max: repair ids cycle), so
         # skipped ids are packets lost on the way (the network, or our own full socket buffer); the
         # sender's rate control reads this.  A small step back is a reordered packet filling a gap.
         if burst[0] == 0:
             burst[0], burst[2] = 1, esi
         else:
-            step = (esi - burst[2]) % 256
-            if 1 <= step <= 128:
+            step = (esi - burst[2]) % n_max
+            if 1 <= step <= n_max >> 1:
                 burst[0], burst[1], burst[2] = burst[0] + 1, burst[1] + step - 1, esi
-            elif step > 128:
+            elif step > n_max >> 1:
                 burst[0], burst[1] = burst[0] + 1, max(0, burst[1] - 1)
         if self._done[block] or self.state != RECEIVING:
             self.duplicates += 1
@@ -192,8 +194,10 @@ class Receiver:
         """A session-plane message from the DP: ``Ack`` of our result, or ``Drop`` (too slow)."""
         if isinstance(msg, Offer) and msg.session_id == self.session_id:
             # Moved to another stream of the same session (a slower tier): same image, same layout.
-            same = (msg.image_size, msg.image_sha256, msg.symbol_size, msg.block_symbols) == (
-                self.offer.image_size, self.offer.image_sha256, self.offer.symbol_size, self.offer.block_symbols)
+            same = (msg.image_size, msg.image_sha256, msg.symbol_size, msg.block_symbols, msg.fec,
+                    msg.repair_symbols) == (
+                self.offer.image_size, self.offer.image_sha256, self.offer.symbol_size, self.offer.block_symbols,
+                self.offer.fec, self.offer.repair_symbols)
             if same and (msg.group, msg.port) != (self.offer.group, self.offer.port) and self.state == RECEIVING:
                 self.offer = msg
                 self._last_heard = now

@@ -13,12 +13,12 @@ States::
     any --(deadline | abort)--> FINISHED
 
 Transport: a fountain-style carousel over Reed-Solomon blocks
-(:mod:`mcproto.fec`).  The first pass sends each block's k source symbols
-plus ``r`` proactive repair symbols, r sized from the worst loss receivers
-report.  Receivers answer "block b: m more symbols"; the sender keeps, per
-block, the *maximum* m over receivers (one repair symbol fixes different
-losses at different receivers), minus repairs it sent so recently that the
-reporter cannot have counted them, and sends fresh repair symbols before new
+(:mod:`mcproto.fec`: zfec "rs" or the wide GF(2^16) "rs16", k up to 32,768).
+The first pass sends each block's k source symbols plus ``r`` proactive repair
+symbols, r sized from the worst loss receivers report.  Receivers answer
+"block b: m more symbols"; the sender keeps, per block, the *maximum* m over
+receivers (one repair symbol fixes different losses at different receivers),
+minus repairs it sent so recently that the reporter cannot have counted them, and sends fresh repair symbols before new
 data.  A receiver that needs a whole block (it joined late) is served after
 the first pass, from the source symbols: a late joiner at 50 % finishes one
 partial pass later, not one full pass.
@@ -41,7 +41,7 @@ from mcproto.events import (
     SessionFinished,
     TransferStarted,
 )
-from mcproto.fec import N_MAX, Codec, Layout, split_block
+from mcproto.fec import DEFAULT_FEC, DEFAULT_K, FecName, Layout, codec_for, layout_for, split_block
 from mcproto.messages import Ack, Done, Drop, Failed, Join, Message, NoSession, Offer, Status
 from mcproto.policy import RatePolicy, StartPolicy
 from mcproto.seal import PacketSealer
@@ -64,7 +64,9 @@ class SenderConfig:
     image_size: int
     image_sha256: str
     symbol_size: int = packets.DEFAULT_SYMBOL_SIZE
-    block_symbols: int = 128
+    block_symbols: int = DEFAULT_K[DEFAULT_FEC]
+    fec: FecName = DEFAULT_FEC  # "rs" (zfec, k <= 255) or "rs16" (GF(2^16), k <= 32,768); see mcproto.fec
+    repair_symbols: int = 0  # rs16: repair ids per block, R (0: mcproto.fec_wide.default_repair(k)); rs: 0
     expected_clients: int = 0
     start: StartPolicy = field(default_factory=StartPolicy)
     rate: RatePolicy = field(default_factory=RatePolicy)
@@ -86,11 +88,11 @@ class SenderConfig:
     announce_interval: float = 0.5
     client_timeout: float = 15.0
     deadline: float = 4 * 3600.0
-    block_cache: int = 64
+    block_cache: int = 0  # source blocks kept in memory for repairs (0: about 16 MiB worth, at least 8)
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.image_size, self.symbol_size, self.block_symbols)
+        return layout_for(self.fec, self.image_size, self.symbol_size, self.block_symbols, self.repair_symbols)
 
 
 @dataclass
@@ -121,7 +123,8 @@ class Sender:
         self.config = config
         self.layout = config.layout
         self._read = read
-        self._codec = Codec()
+        self._codec = codec_for(self.layout)
+        self._block_cache = config.block_cache or max(8, (16 << 20) // max(1, self.layout.block_bytes))
         self._sealer = PacketSealer(config.key, config.epoch) if config.key else None
         self.state = WAITING
         self.opened_at = now
@@ -136,7 +139,7 @@ class Sender:
         # Repairs: block -> symbols still owed (max over receivers); dict order = service order.
         self._repairs: dict[int, int] = {}
         self._catchup: dict[int, int] = {}  # whole blocks for late joiners, after the first pass
-        self._catchup_esi: dict[int, int] = {}  # where each block's catch-up continues (ids cycle 0..255)
+        self._catchup_esi: dict[int, int] = {}  # where each block's catch-up continues (ids cycle 0..n_max-1)
         self._catchup_for: dict[int, set[str]] = {}  # who asked for each catch-up (dropped when they leave)
         self._next_esi: dict[int, int] = {}  # next fresh repair symbol id per block
         self._recent: dict[int, tuple[float, int]] = {}  # block -> (time of last repair, count in window)
@@ -332,7 +335,8 @@ class Sender:
         plain = Offer(
             session_id=cfg.session_id, deployment=cfg.deployment, group=cfg.group, port=cfg.port,
             image_size=cfg.image_size, image_sha256=cfg.image_sha256, symbol_size=cfg.symbol_size,
-            block_symbols=cfg.block_symbols, feedback_interval_ms=max(5, int(cfg.feedback_interval * 1000)),
+            block_symbols=cfg.block_symbols, fec=self.layout.fec, repair_symbols=self.layout.repair_ids,
+            feedback_interval_ms=max(5, int(cfg.feedback_interval * 1000)),
         )
         # The adapter adds the wrapped key and signature (or refuses the client).
         offer = cfg.offer_hook(plain, msg) if cfg.offer_hook is not None else plain
@@ -481,7 +485,7 @@ class Sender:
             if 2 * m > k:
                 # Most of the block is missing (a late join, a blackout): resend it after the first
                 # pass, source symbols first.  They are new to such a receiver, whereas cycling through
-                # repair ids it may already hold (there are only 256 - k) could take many rounds.
+                # repair ids it may already hold (there are only n_max - k) could take many rounds.
                 # A repeated request never restarts a catch-up under way: it continues from its id.
                 self._catchup[b] = max(self._catchup.get(b, 0), m)
                 self._catchup_for.setdefault(b, set()).add(client_id)
@@ -509,9 +513,10 @@ class Sender:
             b = self._cursor
             self._cursor += 1
             k = self.layout.block_k(b)
-            r = min(N_MAX - k, math.ceil(k * self.proactive_ratio))
+            n_max = self.layout.n_max(b)
+            r = min(n_max - k, math.ceil(k * self.proactive_ratio))
             self._current.extend((b, esi) for esi in range(k + r))
-            self._next_esi[b] = k + r if k + r < N_MAX else k
+            self._next_esi[b] = k + r if k + r < n_max else k
         if self._current:
             out: list[bytes] = []
             while self._current and len(out) < limit:
@@ -537,9 +542,10 @@ class Sender:
             else:
                 self._catchup_for.pop(b, None)
             k = self.layout.block_k(b)
+            n_max = self.layout.n_max(b)
             start = self._catchup_esi.get(b, 0)
-            esis = [(start + i) % N_MAX for i in range(n)]
-            self._catchup_esi[b] = (start + n) % N_MAX
+            esis = [(start + i) % n_max for i in range(n)]
+            self._catchup_esi[b] = (start + n) % n_max
             src = self._source(b)
             repair_esis = [e for e in esis if e >= k]
             repairs = dict(zip(repair_esis, self._codec.repair(src, repair_esis), strict=True)) if repair_esis else {}
@@ -558,14 +564,17 @@ class Sender:
 
     def _repair_packets(self, b: int, n: int) -> list[bytes]:
         k = self.layout.block_k(b)
+        n_max = self.layout.n_max(b)
         esis = []
         esi = self._next_esi.get(b, k)
         for _ in range(n):
             esis.append(esi)
-            esi = (esi + 1) % N_MAX  # all 256 - k repair ids used: cycle through every id, source first
+            esi = (esi + 1) % n_max  # all n_max - k repair ids used: cycle through every id, source first
         self._next_esi[b] = esi
         src = self._source(b)
-        return [self._packet(b, e, s) for e, s in zip(esis, self._codec.repair(src, esis), strict=True)]
+        repair_esis = [e for e in esis if e >= k]
+        repairs = dict(zip(repair_esis, self._codec.repair(src, repair_esis), strict=True)) if repair_esis else {}
+        return [self._packet(b, e, src[e] if e < k else repairs[e]) for e in esis]
 
     def _source(self, b: int) -> list[bytes]:
         syms = self._blocks.get(b)
@@ -574,7 +583,7 @@ class Sender:
             data = self._read(self.layout.block_offset(b), self.layout.block_len(b))
             syms = split_block(data, k, self.config.symbol_size)
             self._blocks[b] = syms
-            if len(self._blocks) > self.config.block_cache:
+            if len(self._blocks) > self._block_cache:
                 self._blocks.popitem(last=False)
         else:
             self._blocks.move_to_end(b)

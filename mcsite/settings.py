@@ -10,9 +10,9 @@ names a real interface.
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -123,8 +123,26 @@ class DPSettings(_Component):
     spool_dir: str = Field("", description="Where results wait (one fsynced file each) until the controller has "
                            "them, surviving Redis outages and agent restarts; empty = "
                            "$XDG_DATA_HOME/mcdeploy/spool-<name>; 'memory' = not durable.")
-    block_symbols: int = Field(128, ge=1, le=255, description="Source symbols per Reed-Solomon block (k; "
-                               "k + repairs <= 256). Larger k: less repair overhead, more CPU per block.")
+    fec: Literal["rs16", "rs"] = Field("rs16", description="Erasure code: rs16 (Reed-Solomon over GF(2^16), "
+                                       "blocks up to 32,768 symbols) or rs (zfec, GF(2^8), blocks up to 255).")
+    block_symbols: int = Field(1024, ge=1, le=32768, description="Source symbols per Reed-Solomon block (k; "
+                               "<= 255 with fec rs, default 128 there). Larger k: less repair overhead with many "
+                               "receivers, more memory per block.")
+    repair_symbols: int = Field(0, ge=0, le=32768, description="fec rs16: repair symbol ids per block (R; 0 = "
+                                "the power of two >= k, at least 64). fec rs: must be 0 (256 - k, implied).")
+
+    @model_validator(mode="after")
+    def _fec_geometry(self) -> DPSettings:
+        if "block_symbols" not in self.model_fields_set:  # the default k is per code (and symbol size)
+            from mcproto.fec import default_k
+
+            self.block_symbols = default_k(self.fec, self.symbol_size)
+        if self.fec == "rs" and (self.block_symbols > 255 or self.repair_symbols):
+            raise ValueError("fec rs: block_symbols must be <= 255 and repair_symbols 0")
+        if self.fec == "rs16" and self.symbol_size % 2:
+            raise ValueError("fec rs16: symbol_size must be even")
+        return self
+
     http_port: int = Field(0, ge=-1, le=65535, description="TCP port of the unicast fallback's HTTP server "
                            "(on control_host; offers name its URL): 0 = any free port, -1 = no unicast fallback.")
     http_rate_mbps: float = Field(0.0, ge=0, description="Unicast fallback: ceiling of each HTTP transfer's rate "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
@@ -288,3 +290,95 @@ def test_a_receiver_with_the_wrong_key_accepts_nothing() -> None:
     pkt = sender._packet(0, 0, sender._source(0)[0])
     with pytest.raises(PacketError, match="authentication"):
         wrong.receive_datagram(pkt, 0.0)
+
+
+# --------------------------------------------------------------------------- both erasure codes
+
+CODES = [
+    pytest.param({"fec": "rs16", "block_symbols": 1024}, id="rs16-k1024"),
+    # k not a power of two, few repair ids: repairs run out and cycle through the source ids (n_max = 364)
+    pytest.param({"fec": "rs16", "block_symbols": 300, "repair_symbols": 64}, id="rs16-k300-r64"),
+    pytest.param({"fec": "rs", "block_symbols": 128}, id="rs-k128"),
+]
+
+
+@pytest.mark.parametrize("code", CODES)
+@pytest.mark.parametrize("loss", [0.01, 0.05, 0.10])
+def test_each_code_is_bit_exact_under_loss(code: dict, loss: float) -> None:
+    clients = [VirtualClient(f"pc{i}", loss=loss) for i in range(3)]
+    sender, _ = run_session(IMAGE, clients, seed=int(loss * 100), config={"expected_clients": 3, "max_rate": 100e6,
+                                                                           **code})
+    assert sender.layout.fec == code["fec"] and sender.layout.k == code["block_symbols"]
+    assert sender.state == FINISHED
+    for c in clients:
+        assert c.outcome == "done" and bytes(c.out) == IMAGE
+        r = c.receiver
+        assert r is not None and r.offer.fec == code["fec"] and r.offer.repair_symbols == sender.layout.repair_ids
+    assert sum(c.receiver.decoded_blocks for c in clients if c.receiver) > 0  # the decoder ran, not only source
+
+
+def test_rs16_is_the_default_and_its_offer_carries_r() -> None:
+    cfg = SenderConfig(session_id=1, deployment="d", group="g", port=1, image_size=len(IMAGE), image_sha256="0" * 64)
+    s = Sender(cfg, lambda o, n: IMAGE[o:o + n], 0.0)
+    s.handle_message(Join(client_id="c"), "c", 0.0)
+    ((offer, _),) = s.replies()
+    assert (offer.fec, offer.block_symbols, offer.repair_symbols) == ("rs16", 1024, 1024)
+    last = s.layout.blocks - 1
+    assert s.layout.n_max(0) == 2048 and s.layout.n_max(last) == s.layout.block_k(last) + 1024
+
+
+def test_receiver_takes_symbol_ids_up_to_its_codes_n_max() -> None:
+    from mcproto.messages import Offer
+    from mcproto.receiver import Receiver
+
+    base = {"session_id": 7, "deployment": "d", "group": "g", "port": 1, "image_size": 4 * 1400 * 1024,
+            "image_sha256": "0" * 64, "symbol_size": 1400}
+    wide = Receiver(Offer(**base, block_symbols=1024, fec="rs16", repair_symbols=512), "c", 0.0)
+    wide.receive_datagram(packets.encode_data(7, 0, 1535, bytes(1400)), 0.0)  # k + R - 1: a repair id
+    with pytest.raises(PacketError, match="symbol id"):
+        wide.receive_datagram(packets.encode_data(7, 0, 1536, bytes(1400)), 0.0)
+    narrow = Receiver(Offer(**base, block_symbols=128), "c", 0.0)
+    with pytest.raises(PacketError, match="symbol id"):
+        narrow.receive_datagram(packets.encode_data(7, 0, 256, bytes(1400)), 0.0)
+    # Offers that a code cannot do are refused where they are decoded.
+    from pydantic import ValidationError
+    for bad in ({"block_symbols": 300}, {"block_symbols": 100, "repair_symbols": 8},
+                {"block_symbols": 1024, "fec": "rs16"}, {"block_symbols": 1024, "fec": "rs16", "repair_symbols": 64,
+                                                        "symbol_size": 1401}):
+        with pytest.raises(ValidationError):
+            Offer(**(base | bad))
+
+
+@dataclass
+class BurstyClient(VirtualClient):
+    """Gilbert-Elliott loss: from the good state (loss ``loss``) a packet enters a burst with ``enter``; every
+    packet of a burst is lost; a burst ends with ``1 / mean_burst`` per packet."""
+
+    enter: float = 0.0
+    mean_burst: float = 1.0
+    _bad: bool = False
+
+    def lose(self, rng: random.Random) -> bool:
+        if self._bad:
+            self._bad = rng.random() >= 1 / self.mean_burst
+            return True
+        self._bad = rng.random() < self.enter
+        return rng.random() < self.loss
+
+
+@settings(max_examples=12, deadline=None)
+@given(fec=st.sampled_from([("rs16", 1024, 0), ("rs16", 97, 64), ("rs16", 513, 128), ("rs", 128, 0), ("rs", 200, 0)]),
+       size=st.integers(min_value=1, max_value=900_000), loss=st.floats(min_value=0.0, max_value=0.2),
+       enter=st.sampled_from([0.0, 0.002, 0.01]), mean_burst=st.sampled_from([2.0, 10.0, 40.0]),
+       seed=st.integers(min_value=0, max_value=2**16))
+def test_property_any_loss_pattern_is_bit_exact(fec: tuple[str, int, int], size: int, loss: float, enter: float,
+                                                mean_burst: float, seed: int) -> None:
+    """Both codes, any k (a short last block too), independent and bursty loss: every receiver gets the image."""
+    code, k, r = fec
+    image = random.Random(seed).randbytes(size)
+    clients = [BurstyClient(f"pc{i}", loss=loss * i / 2, enter=enter, mean_burst=mean_burst) for i in range(3)]
+    sender, _ = run_session(image, clients, seed=seed, max_time=60,
+                            config={"expected_clients": 3, "max_rate": 50e6, "fec": code, "block_symbols": k,
+                                    "repair_symbols": r})
+    assert sender.state == FINISHED
+    assert all(c.outcome == "done" and bytes(c.out) == image for c in clients), [c.outcome for c in clients]

@@ -299,7 +299,7 @@ def test_a_receiver_killed_mid_transfer_resumes_needing_only_what_it_lacks(
     port = free_port()
     t0 = time.monotonic()
     sender = procs.start(mcdeploy("send", str(image), "--port", str(port), "--control-port", "0", "--rate", "40",
-                                  "--min-receivers", "1", "--json"))
+                                  "--min-receivers", "1", "--fec", "rs", "--json"))  # the k = 128 geometry below
     receive = mcdeploy("receive", "--out", str(out), "--port", str(port), "--id", "resumer", "--wait", "30", "--json")
     first = procs.start(receive)
     threshold = rng.randint(8, 60)  # kill at a random point after some blocks were committed
@@ -363,7 +363,8 @@ def test_a_journal_claiming_every_block_goes_straight_to_verification(
     j.sync()
     j.close()
     port = free_port()
-    sender = procs.start(mcdeploy("send", str(image), "--port", str(port), "--control-port", "0", "--json"))
+    sender = procs.start(mcdeploy("send", str(image), "--port", str(port), "--control-port", "0", "--fec", "rs",
+                                  "--json"))
     rc, rout, rerr = finish(procs.start(mcdeploy("receive", "--out", str(out), "--port", str(port), "--id", "again",
                                                  "--wait", "30", "--json")), 45)
     res = last_json(rout)

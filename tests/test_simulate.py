@@ -30,19 +30,24 @@ def needs_of(statuses: list[tuple[int, tuple]]) -> set[tuple[int, int, int]]:
     return out
 
 
+@pytest.mark.parametrize("code", [
+    {"fec": "rs16", "block_symbols": 1024},
+    {"fec": "rs16", "block_symbols": 300, "repair_symbols": 64},  # ids cycle through the source ids (n_max 364)
+    {"fec": "rs", "block_symbols": 128},
+], ids=["rs16-k1024", "rs16-k300-r64", "rs-k128"])
 @pytest.mark.parametrize("channel", [
     {},
     {"burst": (0.01, 5.0), "reorder": 0.03, "duplicate": 0.02, "corrupt": 0.02, "late_fraction": 0.5,
      "late_count": 2},
 ], ids=["loss", "everything"])
-def test_fleet_reports_exactly_what_real_receivers_report(channel: dict) -> None:
+def test_fleet_reports_exactly_what_real_receivers_report(channel: dict, code: dict) -> None:
     """Five fleet rows and five real Receivers on the same per-packet fates send the same statuses.
 
     Both sets report to the same real Sender, so any divergence would show as a different
     status (needs, loss estimate, receive rate) at some tick, or a different completion time.
     """
-    cfg = SimConfig(receivers=5, real=5, cross_check=True, loss=(0.0, 0.15), size=16 * MiB, seed=3,
-                    rate=400e6 / 8, **channel)
+    cfg = SimConfig(receivers=5, real=5, cross_check=True, loss=(0.0, 0.15), seed=3,
+                    rate=400e6 / 8, size=16 * MiB, **code, **channel)
     sim = Simulation(cfg)
     result = sim.run()
     assert result["all_completed"], result
@@ -54,7 +59,7 @@ def test_fleet_reports_exactly_what_real_receivers_report(channel: dict) -> None
         compared += len(needs_of(fleet_statuses))
         # Completion within one tick (they are in fact equal: same packets, same clock).
         assert abs(sim.fleet.complete_at[w.index] - w.complete_at) <= cfg.tick
-    assert compared > 80  # the comparison covered many (block, need) reports, not a trivial run
+    assert compared > 40  # the comparison covered many (block, need) reports, not a trivial run
     assert result["cross_check_ok"] and result["bit_exact_ok"]
     if channel:
         assert result["real_rejected_packets"] > 0 and result["fleet_rejected_packets"] > 0
@@ -81,10 +86,22 @@ def test_cli_200_receivers_complete_within_the_block_code_floor() -> None:
     assert r["bit_exact_checked"] == 4 and r["bit_exact_ok"]
     assert r["image_bytes"] == 16 * MiB and r["p_max"] == 0.05
     assert r["header_factor"] == pytest.approx(1428 / 1400, abs=0.002)
-    assert 1.0 < r["floor_vs_bound"] < 1.08  # 200 receivers' binomial tails at k = 128
+    assert r["config"]["fec"] == "rs16" and r["config"]["block_symbols"] == 1024  # the default code
+    assert 1.0 < r["floor_vs_bound"] < 1.03  # 200 receivers' binomial tails at k = 1024
     assert r["protocol_vs_floor"] < 1.10
     assert r["overhead_vs_bound"] < 1.20
     assert r["overhead_vs_bound"] == pytest.approx(r["bytes_sent"] / r["bound_bytes"], rel=1e-4)
+
+
+def test_cli_fec_rs_is_still_an_option() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "controller", "simulate", "--receivers", "100", "--loss", "0-5", "--size", "8MiB",
+         "--fec", "rs", "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["config"]["fec"] == "rs" and r["config"]["block_symbols"] == 128 and r["config"]["repair_symbols"] == 0
+    assert r["completed"] == 100 and r["bit_exact_ok"]
+    assert 1.0 < r["floor_vs_bound"] < 1.08  # 100 receivers' binomial tails at k = 128
 
 
 @pytest.mark.parametrize("channel", [
@@ -122,7 +139,7 @@ def test_late_joiner_at_half_completes() -> None:
 
 def test_fleet_forgets_finished_blocks() -> None:
     """Memory stays at the blocks in flight, not N x image: a block is dropped once nobody holds part of it."""
-    sim = Simulation(SimConfig(receivers=50, real=0, loss=(0.0, 0.05), size=24 * MiB))
+    sim = Simulation(SimConfig(receivers=50, real=0, loss=(0.0, 0.05), size=24 * MiB, block_symbols=256))
     r = sim.run()
     assert r["all_completed"]
     blocks = sim.sender.layout.blocks
@@ -139,13 +156,23 @@ def test_block_code_floor() -> None:
     assert 128 / 0.95 < many < 1.1 * 128 / 0.95
     # Larger blocks shrink the relative tail (why k matters for the overhead).
     assert block_code_floor(np.full(1000, 0.05), 255) / 255 < many / 128
+    # Issue 3's case, 1,000 receivers at U[0, 5 %]: x1.055 over the bound at k = 128, x1.016 at k = 1024.
+    p = np.random.default_rng(1).uniform(0, 0.05, 1000)
+    assert block_code_floor(p, 128) * 0.95 / 128 > 1.05
+    assert block_code_floor(p, 1024) * 0.95 / 1024 < 1.02
 
 
-def test_bad_arguments_exit_2() -> None:
-    proc = subprocess.run([sys.executable, "-m", "controller", "simulate", "--loss", "5-2"],
+@pytest.mark.parametrize("args, needle", [
+    (["--loss", "5-2"], "loss"),
+    (["--fec", "rs", "--block-symbols", "300"], "k must be"),
+    (["--fec", "rs", "--repair-symbols", "64"], "repair_symbols"),
+    (["--block-symbols", "1024", "--symbol-size", "1401"], "even"),
+])
+def test_bad_arguments_exit_2(args: list[str], needle: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "controller", "simulate", *args],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2
-    assert "loss" in proc.stderr
+    assert needle in proc.stderr
 
 
 def test_repairs_stay_at_the_floor_with_unsynchronized_report_timers() -> None:

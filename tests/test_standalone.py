@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 SEND_OPTIONS = ["--group", "--port", "--interface", "--ttl", "--control-host", "--control-port", "--rate",
-                "--min-receivers", "--start-delay", "--start-at", "--block-symbols", "--symbol-size",
+                "--min-receivers", "--start-delay", "--start-at", "--fec", "--block-symbols", "--repair-symbols",
+                "--symbol-size",
                 "--deployment", "--exit-when-done", "--json"]
 RECEIVE_OPTIONS = ["--out", "--group", "--port", "--interface", "--from", "--id", "--wait", "--json", "--journal",
                    "--test-loss"]
@@ -121,6 +122,34 @@ def test_three_receivers_find_the_sender_by_announce_and_get_bit_exact_copies(
 
 @pytest.mark.integration
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("fec, args, k", [
+    ("rs16", [], 1024),  # the default: GF(2^16), k = 1024, R = 1024
+    ("rs", ["--fec", "rs"], 128),  # zfec
+], ids=["rs16-default", "rs"])
+def test_each_code_is_bit_exact_under_loss_on_real_sockets(procs: Procs, image: Path, tmp_path: Path, fec: str,
+                                                           args: list[str], k: int) -> None:
+    port = free_port()
+    sender = procs.start(mcdeploy("send", str(image), "--port", str(port), "--control-port", "0",
+                                  "--min-receivers", "2", "--json", *args))
+    receivers = [procs.start(mcdeploy("receive", "--out", str(tmp_path / f"out{i}"), "--port", str(port),
+                                      "--id", f"rx{i}", "--test-loss", "8", "--test-seed", str(i + 10), "--json",
+                                      "--wait", "30"))
+                 for i in range(2)]
+    results = [finish(p, 60) for p in receivers]
+    code, out, err = finish(sender, 30)
+    for i, (rc, rout, rerr) in enumerate(results):
+        assert rc == 0, rerr
+        res = last_json(rout)
+        assert res["verified"] and res["acknowledged"] and res["test_dropped"] > 0, res
+        assert (tmp_path / f"out{i}").read_bytes() == image.read_bytes()
+    assert code == 0, err
+    summary = last_json(out)
+    assert summary["done"] == 2 and summary["fec"] == fec and summary["block_symbols"] == k, summary
+    assert summary["repair_symbols"] > 0  # the losses were healed by repair symbols of this code
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
 def test_receive_from_address_and_client_agent_discovery_share_one_session(
         procs: Procs, image: Path, tmp_path: Path) -> None:
     """--from skips discovery; `mcdeploy-client --discover` is the same discovery in the client agent."""
@@ -189,6 +218,9 @@ def test_help_documents_every_option(cmd: str, options: list[str]) -> None:
     (["send", "IMAGE", "--interface", "eth-nonesuch"], "must be an IPv4 address"),
     (["send", "IMAGE", "--ttl", "300"], "--ttl"),
     (["send", "/no/such/file"], "cannot read /no/such/file"),
+    (["send", "IMAGE", "--fec", "rs", "--block-symbols", "1024"], "--block-symbols must be 1..255 with --fec rs"),
+    (["send", "IMAGE", "--fec", "rs", "--repair-symbols", "64"], "--repair-symbols applies to --fec rs16 only"),
+    (["send", "IMAGE", "--symbol-size", "1401"], "--symbol-size must be even with --fec rs16"),
     (["receive", "--out", "X", "--from", "host:99999"], "HOST:PORT"),
     (["receive", "--out", "X", "--group", "10.1.2.3"], "not a multicast group"),
     (["receive", "--out", "X", "--test-loss", "100"], "--test-loss"),
