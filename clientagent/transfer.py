@@ -36,6 +36,7 @@ from clientagent.impair import Impairment
 from clientagent.journal import Committer, Journal, JournalError
 from clientagent.net import format_hostport, host_of, interface_towards, open_control_socket, open_data_socket
 from clientagent.output import SPOOL_MEMORY, FileOutput, OutputError, PipeOutput, classify
+from clientagent.udpio import BatchReceiver
 from mcproto import codec, keyexchange, packets, seal
 from mcproto.errors import MessageError, PacketError
 from mcproto.events import Acknowledged, GaveUp, Moved, TransferComplete
@@ -465,6 +466,8 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
         sel.register(data, selectors.EVENT_READ, "data")
     sel.register(ctrl, selectors.EVENT_READ, "ctrl")
     bufsize = offer.symbol_size + 256
+    rx_batch = BatchReceiver(data, bufsize) if data is not None else None  # UDP GRO where the kernel has it
+    info.extra["udp_receive"] = rx_batch.mode if rx_batch is not None else ""
     next_progress = 0.0
     last_packet = time.monotonic()
     verifier: Verifier | None = None
@@ -478,17 +481,11 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
             timeout = max(0.0, min(receiver.get_timer(), now + 0.25) - now)
             for key, _ in sel.select(timeout):
                 if key.data == "data":
-                    assert data is not None
-                    for _ in range(512):
-                        try:
-                            pkt = data.recv(bufsize)
-                        except (BlockingIOError, InterruptedError):
-                            break
-                        except OSError:
-                            break
+                    assert rx_batch is not None
+                    for pkt in rx_batch.receive():
                         info.packets += 1
                         last_packet = now
-                        for arrived in (impair.feed(pkt, now) if impair is not None else (pkt,)):
+                        for arrived in (impair.feed(bytes(pkt), now) if impair is not None else (pkt,)):
                             try:
                                 w = receiver.receive_datagram(arrived, now)
                             except PacketError:
@@ -532,6 +529,7 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                     sel.unregister(data)
                     data.close()
                     data = open_data_socket(ev.group, ev.port, interface)
+                    rx_batch = BatchReceiver(data, bufsize)
                     sel.register(data, selectors.EVENT_READ, "data")
                     info.moves += 1
             if committing:

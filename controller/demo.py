@@ -102,7 +102,8 @@ def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: st
     # The demo's own identities, in its work directory: it leaves no keys behind.
     ctl = ControllerSettings(key_file=os.path.join(workdir, "controller.key"))
     env = site_env(redis.url, MCDEPLOY_DP_KEY_FILE=os.path.join(workdir, "dp-identity.key"),
-                   MCDEPLOY_CONTROLLER_KEY_FILE=ctl.key_file)
+                   MCDEPLOY_CONTROLLER_KEY_FILE=ctl.key_file,
+                   MCDEPLOY_DP_SPOOL_DIR=os.path.join(workdir, "dp-spool"))
     port = free_udp_port()
     ctl_log = open(os.path.join(logdir, "controller.log"), "wb")  # noqa: SIM115
     dp_log = open(os.path.join(logdir, "dp.log"), "wb")  # noqa: SIM115

@@ -24,6 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clientagent.net import interface_index, is_ipv6
+from clientagent.udpio import BatchSender
 from mcproto import codec, keyexchange
 from mcproto.errors import ConfigError
 from mcproto.events import ClientFinished, ClientJoined, ClientTooSlow, SessionFinished, TransferStarted
@@ -167,6 +168,7 @@ class SessionRunner:
         self._wake = threading.Event()
         self._abort_reason = ""
         self.send_errors = 0
+        self.udp_send = ""
         # Unicast fallback (see dpagent.imageserver): the HTTP server's view of this session, the clients
         # dropped from the multicast that may fetch over HTTP (id -> last sign of life), finished ones,
         # and the path each client's Done named.
@@ -369,6 +371,9 @@ class SessionRunner:
             self._file.close()
             raise
         next_progress = 0.0
+        batch = BatchSender(sock)  # UDP GSO where the kernel has it: one system call per run of equal datagrams
+        self.udp_send = batch.mode
+        log.info("session %s sends with %s", self.job.deployment, batch.mode)
         try:
             while True:
                 now = time.monotonic()
@@ -379,11 +384,8 @@ class SessionRunner:
                     pkts = self.sender.addressed_datagrams(now, 64)
                     events, replies = self._drain()
                     timer = self.sender.get_timer()
-                for pkt, dest in pkts:
-                    try:
-                        sock.sendto(pkt, dest)
-                    except OSError:
-                        self.send_errors += 1
+                batch.send(pkts)
+                self.send_errors = batch.errors
                 self._dispatch(events, replies)
                 if now >= next_progress:
                     next_progress = now + PROGRESS_EVERY_S

@@ -103,6 +103,10 @@ class Offer(Message):
     signature: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")] | None = None
     # Length of the controller-signed image manifest the DP serves (ManifestGet); 0: none.
     manifest_bytes: Annotated[int, Field(ge=0, le=MAX_MANIFEST_BYTES)] = 0
+    # Unicast fallback (deployments that allow it): where the DP serves the image over HTTP with range
+    # requests, and this client's token for it (sent back in a header; covered by the DP's signature).
+    http_url: Annotated[str, StringConstraints(max_length=200)] = ""
+    http_token: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{32})?$")] = ""
 
     @model_validator(mode="after")
     def _fec_geometry(self) -> Offer:
@@ -111,10 +115,6 @@ class Offer(Message):
         if self.fec == "rs16" and (self.repair_symbols < 1 or self.symbol_size % 2):
             raise ValueError("fec rs16: repair_symbols must be >= 1 and symbol_size even")
         return self
-    # Unicast fallback (deployments that allow it): where the DP serves the image over HTTP with range
-    # requests, and this client's token for it (sent back in a header; covered by the DP's signature).
-    http_url: Annotated[str, StringConstraints(max_length=200)] = ""
-    http_token: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{32})?$")] = ""
 
 
 class ManifestGet(Message):
