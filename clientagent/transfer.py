@@ -40,7 +40,7 @@ from clientagent.udpio import BatchReceiver
 from mcproto import codec, keyexchange, packets, seal
 from mcproto.errors import MessageError, PacketError
 from mcproto.events import Acknowledged, GaveUp, Moved, TransferComplete
-from mcproto.fec import offer_layout
+from mcproto.fec import FEC_RS16, offer_layout, rs16_available
 from mcproto.manifest import Manifest, ManifestError
 from mcproto.messages import Ack, Announce, Done, Join, NoSession, Offer, Status
 from mcproto.receiver import Receiver
@@ -290,6 +290,10 @@ def receive(opts: ClientOptions, progress: Progress | None = None, notice: Notic
         elif opts.dp_key:
             return _refuse(opts, offer, ctrl, dp_addr, "--dp-key was given but the session is not encrypted "
                            "and signed")
+        if offer.fec == FEC_RS16 and not rs16_available():
+            return _refuse(opts, offer, ctrl, dp_addr, "the session uses fec rs16, which this client cannot decode "
+                           "(reed-solomon-leopard has no wheel for this Python; use Python 3.11/3.12, or have the DP "
+                           "use fec rs)")
         try:
             blob = (integrity.fetch(ctrl, dp_addr, offer, opts.client_id, min(opts.wait_s, 60.0))
                     if offer.manifest_bytes else None)

@@ -33,7 +33,19 @@ N_MAX = 256  # zfec works over GF(2^8): at most 256 distinct symbols per block
 FecName = Literal["rs", "rs16"]
 FEC_RS: FecName = "rs"  # zfec, GF(2^8)
 FEC_RS16: FecName = "rs16"  # reed-solomon-leopard, GF(2^16) (mcproto.fec_wide)
-DEFAULT_FEC: FecName = FEC_RS16
+
+
+def rs16_available() -> bool:
+    """Whether this Python can run rs16 (``reed-solomon-leopard`` has wheels for CPython 3.10-3.12 only)."""
+    try:
+        import reed_solomon_leopard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# rs16 where its library installed, else zfec: a machine without it still sends and receives (rs sessions).
+DEFAULT_FEC: FecName = FEC_RS16 if rs16_available() else FEC_RS
 DEFAULT_K = {FEC_RS: 128, FEC_RS16: 1024}  # source symbols per block, by code (rs16: for ~1.4 KB symbols)
 
 
@@ -140,6 +152,9 @@ def layout_for(fec: FecName | str, image_size: int, symbol_size: int, k: int, re
             raise ValueError("repair_symbols applies to rs16 only (zfec blocks have 256 - k repair ids)")
         return Layout(image_size, symbol_size, k)
     if fec == FEC_RS16:
+        if not rs16_available():
+            raise ValueError("fec rs16 needs the reed-solomon-leopard package, which has no wheel for this Python: "
+                             "use fec rs, or Python 3.11/3.12")
         from mcproto.fec_wide import WideLayout
 
         return WideLayout(image_size, symbol_size, k, repair)

@@ -35,9 +35,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import reed_solomon_leopard as rsl
-
 from mcproto.fec import FecName, Layout, split_block
+
+try:
+    import reed_solomon_leopard as rsl
+except ImportError:  # no wheel for this Python (3.13+ at 0.2.1): rs16 sessions are refused, rs still works
+    rsl = None
 
 K_MAX = 32768  # reed-solomon-simd: any 1..32768 original with 1..32768 recovery shards
 R_MAX = 32768

@@ -19,6 +19,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from mcproto.fec import DEFAULT_FEC
+
 
 class _Component(BaseSettings):
     """Shared source order; subclasses name their TOML table in ``toml_table``."""
@@ -123,7 +125,7 @@ class DPSettings(_Component):
     spool_dir: str = Field("", description="Where results wait (one fsynced file each) until the controller has "
                            "them, surviving Redis outages and agent restarts; empty = "
                            "$XDG_DATA_HOME/mcdeploy/spool-<name>; 'memory' = not durable.")
-    fec: Literal["rs16", "rs"] = Field("rs16", description="Erasure code: rs16 (Reed-Solomon over GF(2^16), "
+    fec: Literal["rs16", "rs"] = Field(DEFAULT_FEC, description="Erasure code: rs16 (Reed-Solomon over GF(2^16), "
                                        "blocks up to 32,768 symbols) or rs (zfec, GF(2^8), blocks up to 255).")
     block_symbols: int = Field(1024, ge=1, le=32768, description="Source symbols per Reed-Solomon block (k; "
                                "<= 255 with fec rs, default 128 there). Larger k: less repair overhead with many "
