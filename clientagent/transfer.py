@@ -42,7 +42,7 @@ from mcproto.errors import MessageError, PacketError
 from mcproto.events import Acknowledged, GaveUp, Moved, TransferComplete
 from mcproto.fec import FEC_RS16, offer_layout, rs16_available
 from mcproto.manifest import Manifest, ManifestError
-from mcproto.messages import Ack, Announce, Done, Join, NoSession, Offer, Status
+from mcproto.messages import Ack, Announce, Done, Failed, Join, NoSession, Offer, Status
 from mcproto.receiver import Receiver
 
 # Exit codes a task sequence can act on.
@@ -312,7 +312,7 @@ def _refuse(opts: ClientOptions, offer: Offer, ctrl, dp_addr, why: str  # type: 
             ) -> ClientResultInfo:
     """Refuse an offer: tell the DP why (so the site's record says it), and stop."""
     reason = f"refused the DP's offer: {why}"
-    _report_failure(opts, offer, ctrl, dp_addr, reason)
+    _report_failure(opts, offer, ctrl, dp_addr, reason, refused=True)
     return ClientResultInfo(EXIT_NO_SESSION, reason, deployment=offer.deployment)
 
 
@@ -790,18 +790,38 @@ def _read_control(ctrl, dp_addr, receiver: Receiver, now: float) -> None:  # typ
         receiver.handle_message(msg, now)
 
 
-def _report_failure(opts: ClientOptions, offer: Offer, ctrl, dp_addr, reason: str) -> None:  # type: ignore[no-untyped-def]
-    """Best effort: tell the DP why we stop (a few tries, bounded), so the site sees the reason."""
-    receiver = Receiver(offer, opts.client_id, time.monotonic(), report_timeout=5.0)
-    receiver.fail(reason, time.monotonic())
+def _report_failure(opts: ClientOptions, offer: Offer, ctrl, dp_addr, reason: str,  # type: ignore[no-untyped-def]
+                    refused: bool = False) -> None:
+    """Best effort: tell the DP why we stop (resent with backoff until acknowledged, at most ~5 s), so the
+    site sees the reason.  Needs nothing of the offer but its session (it may be one we cannot decode)."""
+    msg = codec.encode(Failed(session_id=offer.session_id, client_id=opts.client_id, reason=reason[:500],
+                              refused=refused))
+    sel = selectors.DefaultSelector()
+    sel.register(ctrl, selectors.EVENT_READ)
     end = time.monotonic() + 5.0
-    while not receiver.done and time.monotonic() < end:
-        now = time.monotonic()
-        for msg in receiver.datagrams_to_send(now):
+    gap = 0.2
+    try:
+        while (now := time.monotonic()) < end:
             try:
-                ctrl.sendto(codec.encode(msg), dp_addr)
+                ctrl.sendto(msg, dp_addr)
             except OSError:
                 return
-        _read_control(ctrl, dp_addr, receiver, now)
-        receiver.handle_timer(now)
-        time.sleep(0.05)
+            wait_until = min(end, now + gap)
+            gap = min(2.0, gap * 2)
+            while (left := wait_until - time.monotonic()) > 0:
+                if not sel.select(left):
+                    break
+                try:
+                    data, addr = ctrl.recvfrom(4096)
+                except OSError:
+                    continue
+                if addr[:2] != dp_addr[:2]:
+                    continue
+                try:
+                    ack = codec.decode(data, allowed=(Ack,))
+                except MessageError:
+                    continue
+                if ack.session_id == offer.session_id and ack.client_id == opts.client_id:
+                    return
+    finally:
+        sel.close()

@@ -179,12 +179,18 @@ class Done(Message):
 
 
 class Failed(Message):
-    """Client -> DP: the client gives up, and why."""
+    """Client -> DP: the client gives up, and why.
+
+    ``refused``: it refused the offer (an identity, key or manifest it does not trust) and took
+    no part: recorded as failed with the reason, but not counted among the clients the session
+    waits for (an impostor's offer must not stand in for an expected machine).
+    """
 
     type: Literal["failed"] = "failed"
     session_id: SessionId
     client_id: Name
     reason: Reason
+    refused: bool = False
 
 
 class Drop(Message):

@@ -110,6 +110,7 @@ class ClientRecord:
     rate_fresh: bool = False  # a receive rate arrived since the last rate check
     moved_at: float = -math.inf
     state: str = "joined"  # joined | done | failed | moved
+    refused: bool = False  # it refused our offer: failed, and not one of the clients the session waits for
     reason: str = ""
     sha256: str | None = None
     seconds: float = 0.0
@@ -194,6 +195,7 @@ class Sender:
             self._ack(client, addr)
         elif isinstance(msg, Failed):
             if client.state == "joined":
+                client.refused = msg.refused
                 self._finish_client(client, "failed", msg.reason, None, now - client.joined_at)
             self._ack(client, addr)
         self._check_progress(now)
@@ -381,7 +383,7 @@ class Sender:
 
     def _check_progress(self, now: float) -> None:
         cfg = self.config
-        joined = len(self.clients)
+        joined = sum(1 for c in self.clients.values() if not c.refused)
         if self.state == WAITING:
             reason = cfg.start.due(joined, self.opened_at, now)
             if reason:

@@ -351,3 +351,24 @@ def test_a_deployment_can_turn_encryption_off_and_says_so(site: Site, image_file
     assert out["encrypted"] is False and out["manifest"] == "unverified" and out["checked_chunks"] >= 1
     assert (tmp_path / "c.img").read_bytes() == image_file.read_bytes()
     assert wait_for(lambda: "NOT ENCRYPTED" in site.log("dp"), timeout=10)
+
+
+def test_a_client_that_refused_the_offer_is_recorded_but_not_counted_as_an_expected_machine() -> None:
+    from mcproto.messages import Failed, Join
+    from mcproto.sender import WAITING, Sender, SenderConfig, StartPolicy
+
+    data = os.urandom(50_000)
+    cfg = SenderConfig(session_id=9, deployment="d", group="239.255.77.1", port=5000, image_size=len(data),
+                       image_sha256=hashlib.sha256(data).hexdigest(), expected_clients=2,
+                       start=StartPolicy(clients=2, delay=60.0))
+    s = Sender(cfg, lambda o, n: data[o:o + n], 0.0)
+    s.handle_message(Join(client_id="impostor-victim"), ("127.0.0.1", 1), 0.1)
+    s.handle_message(Failed(session_id=9, client_id="impostor-victim", reason="refused the DP's offer: x",
+                            refused=True), ("127.0.0.1", 1), 0.2)
+    s.handle_message(Join(client_id="pc1"), ("127.0.0.1", 2), 0.3)
+    s.handle_timer(0.4)
+    assert s.state == WAITING  # one real machine of two: still waiting for the second
+    s.handle_message(Join(client_id="pc2"), ("127.0.0.1", 3), 0.5)
+    s.handle_timer(0.6)
+    assert s.state != WAITING
+    assert s.clients["impostor-victim"].state == "failed" and s.clients["impostor-victim"].refused
