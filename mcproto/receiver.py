@@ -40,6 +40,7 @@ COMPLETE = "COMPLETE"
 REPORTING = "REPORTING"
 ACKED = "ACKED"
 GAVE_UP = "GAVE_UP"
+MAX_PARTIAL_BYTES = 32 * 1024 * 1024  # symbols of unfinished blocks held before no new block is started
 
 
 class Receiver:
@@ -57,8 +58,15 @@ class Receiver:
         report_timeout: float = 30.0,
         key: bytes | None = None,
         done_blocks: Iterable[int] = (),
+        max_partial_bytes: int = MAX_PARTIAL_BYTES,
     ) -> None:
         self.offer = offer
+        # Symbols of unfinished blocks are held in memory until a block has k; a receiver that lags far
+        # behind (CPU-starved, overrun) could otherwise hold most of the image.  Past this bound no new
+        # block is started (its symbols are dropped and counted) until started ones finish: a window.
+        self.max_partial_bytes = max_partial_bytes
+        self._partial_bytes = 0
+        self.window_dropped = 0
         self.client_id = client_id
         self.session_id = offer.session_id
         # With a session key every packet must authenticate (format v2); forgeries are PacketErrors.
@@ -179,12 +187,18 @@ class Receiver:
             return None
         syms = self._partial.get(block)
         if syms is None:
+            if self._partial_bytes >= self.max_partial_bytes:
+                # A receive window: over the bound, no new block is started; the blocks already
+                # started keep collecting (their repairs are asked for) and free memory as they finish.
+                self.window_dropped += 1
+                return None
             syms = self._partial[block] = {}
         elif esi in syms:
             self.duplicates += 1
             return None
         syms[esi] = bytes(body)
         self.symbols += 1
+        self._partial_bytes += plen
         k = self.layout.block_k(block)
         if len(syms) < k:
             return None
@@ -238,7 +252,7 @@ class Receiver:
             if 0 <= b < self.blocks and self._done[b]:
                 self._done[b] = 0
                 self.blocks_done -= 1
-                self._partial.pop(b, None)
+                self._partial_bytes -= len(self._partial.pop(b, {})) * self._ss
                 self._prompt.add(b)
         if self.state == COMPLETE and self.blocks_done < self.blocks:
             self.state = RECEIVING
@@ -302,7 +316,7 @@ class Receiver:
             self.decoded_blocks += 1
         else:
             source = [syms[e] for e in range(k)]
-        del self._partial[block]
+        self._partial_bytes -= len(self._partial.pop(block)) * self._ss
         self._done[block] = 1
         self.blocks_done += 1
 
@@ -357,6 +371,7 @@ class Receiver:
     def _complete(self) -> None:
         self.state = COMPLETE
         self._partial.clear()
+        self._partial_bytes = 0
         self._events.append(TransferComplete())
 
     def _start_report(self, msg: Message, now: float) -> None:
@@ -371,4 +386,5 @@ class Receiver:
         self.state = GAVE_UP
         self.reason = reason
         self._partial.clear()
+        self._partial_bytes = 0
         self._events.append(GaveUp(reason))

@@ -372,3 +372,28 @@ def test_a_client_that_refused_the_offer_is_recorded_but_not_counted_as_an_expec
     s.handle_timer(0.6)
     assert s.state != WAITING
     assert s.clients["impostor-victim"].state == "failed" and s.clients["impostor-victim"].refused
+
+
+def test_a_lagging_receiver_holds_bounded_memory_and_asks_again_for_what_it_did_not_keep() -> None:
+    from mcproto import packets
+
+    ss, k = 1000, 8
+    data = os.urandom(ss * k * 20)
+    offer = Offer(session_id=7, deployment="d", group="239.255.77.1", port=5000, image_size=len(data),
+                  image_sha256=hashlib.sha256(data).hexdigest(), symbol_size=ss, block_symbols=k, fec="rs")
+    rx = Receiver(offer, "c1", 0.0, max_partial_bytes=10 * ss)
+    for b in range(20):  # every block one symbol short: nothing completes, all would stay in memory
+        for e in range(k - 1):
+            rx.receive_datagram(packets.encode_data(7, b, e, data[(b * k + e) * ss:(b * k + e + 1) * ss]), 0.1)
+        assert rx._partial_bytes <= 10 * ss + k * ss  # the bound, plus at most the block that crossed it
+    assert rx.window_dropped >= 15 * (k - 1)
+    needs = {first + i: need for m in rx.datagrams_to_send(0.2) if m.type == "status"
+             for first, count, need in m.needs for i in range(count)}
+    assert needs[0] == 1 and needs[18] == k  # started blocks need their last symbol; the rest whole
+    out = bytearray(len(data))
+    for b in range(20):  # the sender serves what was asked: all complete, bit-exact
+        for e in range(k):
+            w = rx.receive_datagram(packets.encode_data(7, b, e, data[(b * k + e) * ss:(b * k + e + 1) * ss]), 0.3)
+            if w is not None:
+                out[w[0]:w[0] + len(w[1])] = w[1]
+    assert bytes(out) == data and rx.blocks_done == 20
