@@ -203,6 +203,7 @@ def result_dict(opts: ClientOptions, result: ClientResultInfo) -> dict[str, Any]
         "image_bytes": result.image_bytes, "seconds": round(result.seconds, 3),
         "transfer_seconds": round(result.transfer_seconds, 3),
         "packets": result.packets, "duplicates": result.duplicates, "rejected": result.rejected,
+        "foreign": result.foreign,
         "test_dropped": result.test_dropped, "deployment": result.deployment, "moves": result.moves,
         "encrypted": result.encrypted, "manifest": result.manifest, "rejected_chunks": result.rejected_chunks,
         **result.extra,

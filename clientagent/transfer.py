@@ -38,7 +38,7 @@ from clientagent.net import format_hostport, host_of, interface_towards, open_co
 from clientagent.output import SPOOL_MEMORY, FileOutput, OutputError, PipeOutput, classify
 from clientagent.udpio import BatchReceiver
 from mcproto import codec, keyexchange, packets, seal
-from mcproto.errors import MessageError, PacketError
+from mcproto.errors import ForeignPacket, MessageError, PacketError
 from mcproto.events import Acknowledged, GaveUp, Moved, TransferComplete
 from mcproto.fec import FEC_RS16, offer_layout, rs16_available
 from mcproto.manifest import Manifest, ManifestError
@@ -119,7 +119,8 @@ class ClientResultInfo:
     packets: int = 0
     transfer_seconds: float = 0.0  # first data packet to the end: excludes waiting for the start
     duplicates: int = 0
-    rejected: int = 0
+    rejected: int = 0  # failed authentication or malformed: forged or damaged
+    foreign: int = 0  # well-formed packets of another session sharing the group and port
     test_dropped: int = 0
     moves: int = 0
     encrypted: bool = False
@@ -492,6 +493,9 @@ def _run(opts: ClientOptions, offer: Offer, ctrl, dp_addr, progress: Progress | 
                         for arrived in (impair.feed(bytes(pkt), now) if impair is not None else (pkt,)):
                             try:
                                 w = receiver.receive_datagram(arrived, now)
+                            except ForeignPacket:
+                                info.foreign += 1  # another session on this group and port
+                                continue
                             except PacketError:
                                 info.rejected += 1
                                 continue

@@ -348,7 +348,8 @@ def _summarize(opts: DemoOptions, out: Console, err: Console, dep: dict[str, Any
         "encrypted": bool(results) and all(r.get("encrypted") for r in results.values()),
         "manifest_signed": bool(results) and all(r.get("manifest") == "signed" for r in results.values()),
         "rejected_chunks": sum(int(r.get("rejected_chunks", 0)) for r in results.values()),
-        "rejected_packets": sum(int(r.get("rejected", 0)) for r in results.values()), **extra,
+        "rejected_packets": sum(int(r.get("rejected", 0)) for r in results.values()),
+        "foreign_packets": sum(int(r.get("foreign", 0)) for r in results.values()), **extra,
     }
     ok = verified == acked == len(clients)
     err.print(f"{'[green]OK' if ok else '[red]FAILED'}[/]: {verified}/{len(clients)} verified, "

@@ -22,6 +22,13 @@ class PacketError(McdeployError, ValueError):
     """A binary data-plane packet is malformed, foreign or out of range."""
 
 
+class ForeignPacket(PacketError):
+    """A well-formed packet of another session on the same group and port: not ours, not an attack.
+
+    Counted apart from packets that fail authentication, so "rejected" means forged or damaged.
+    """
+
+
 class ConfigError(McdeployError):
     """Settings or the local environment make the requested action impossible."""
 

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from mcproto import packets
-from mcproto.errors import PacketError
+from mcproto.errors import ForeignPacket, PacketError
 from mcproto.events import Acknowledged, GaveUp, Moved, ReceiverEvent, TransferComplete
 from mcproto.fec import codec_for, offer_layout
 from mcproto.messages import MAX_RANGES_PER_STATUS, Ack, Done, Drop, Failed, Message, Offer, Status
@@ -135,7 +135,7 @@ class Receiver:
         else:
             kind, session, block, esi, plen = packets.parse_header(data)
             if session != self.session_id:
-                raise PacketError("packet of another session")
+                raise ForeignPacket("packet of another session")
             body = memoryview(data)[packets.HEADER_SIZE:packets.HEADER_SIZE + plen]
         if kind == packets.KIND_ANNOUNCE:
             return None  # for finding the session; a joined receiver has no use for it

@@ -27,7 +27,7 @@ import struct
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from mcproto.errors import PacketError
+from mcproto.errors import ForeignPacket, PacketError
 from mcproto.packets import KIND_ANNOUNCE, KIND_DATA, KIND_HEARTBEAT, MAGIC
 
 VERSION = 2
@@ -87,7 +87,7 @@ class PacketOpener:
             if HEADER_SIZE + plen + TAG_LEN != len(data):
                 raise PacketError("length mismatch")
             if self.session_id is not None and session != self.session_id:
-                raise PacketError("packet of another session")
+                raise ForeignPacket("packet of another session")
             view = memoryview(data)
             header = bytes(view[:HEADER_SIZE])
             try:
