@@ -700,7 +700,7 @@ def _unicast(opts: ClientOptions, offer: Offer, ctrl, dp_addr, info: ClientResul
         info.reason = f"DP recorded failure: {ack.reason}"
 
 
-def _report(ctrl, dp_addr, msg: Done, timeout: float) -> Ack | None:  # type: ignore[no-untyped-def]
+def _report(ctrl, dp_addr, msg: Done | Failed, timeout: float) -> Ack | None:  # type: ignore[no-untyped-def]
     """Send ``msg`` until the DP acknowledges it (backing off) or ``timeout`` passes."""
     sel = selectors.DefaultSelector()
     sel.register(ctrl, selectors.EVENT_READ)
@@ -798,34 +798,5 @@ def _report_failure(opts: ClientOptions, offer: Offer, ctrl, dp_addr, reason: st
                     refused: bool = False) -> None:
     """Best effort: tell the DP why we stop (resent with backoff until acknowledged, at most ~5 s), so the
     site sees the reason.  Needs nothing of the offer but its session (it may be one we cannot decode)."""
-    msg = codec.encode(Failed(session_id=offer.session_id, client_id=opts.client_id, reason=reason[:500],
-                              refused=refused))
-    sel = selectors.DefaultSelector()
-    sel.register(ctrl, selectors.EVENT_READ)
-    end = time.monotonic() + 5.0
-    gap = 0.2
-    try:
-        while (now := time.monotonic()) < end:
-            try:
-                ctrl.sendto(msg, dp_addr)
-            except OSError:
-                return
-            wait_until = min(end, now + gap)
-            gap = min(2.0, gap * 2)
-            while (left := wait_until - time.monotonic()) > 0:
-                if not sel.select(left):
-                    break
-                try:
-                    data, addr = ctrl.recvfrom(4096)
-                except OSError:
-                    continue
-                if addr[:2] != dp_addr[:2]:
-                    continue
-                try:
-                    ack = codec.decode(data, allowed=(Ack,))
-                except MessageError:
-                    continue
-                if ack.session_id == offer.session_id and ack.client_id == opts.client_id:
-                    return
-    finally:
-        sel.close()
+    _report(ctrl, dp_addr, Failed(session_id=offer.session_id, client_id=opts.client_id, reason=reason[:500],
+                                  refused=refused), 5.0)

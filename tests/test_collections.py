@@ -26,30 +26,6 @@ pytestmark = pytest.mark.integration
 UUID_A = "4c4c4544-0042-3510-8052-b4c04f4e4b31"
 
 
-class _Done:
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def cli(site: Site, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    """``mcdeploy ARGS`` in this process (the same code as the command, without a second of start-up)."""
-    from controller.cli import main
-
-    for k, v in site.env.items():
-        if k.startswith("MCDEPLOY_"):
-            monkeypatch.setenv(k, v)
-    monkeypatch.setenv("COLUMNS", "200")
-
-    def run(*args: str) -> _Done:
-        capsys.readouterr()
-        rc = main(list(args))
-        out, err = capsys.readouterr()
-        return _Done(rc, out, err)
-
-    return run
-
-
 def _ok(proc) -> str:  # type: ignore[no-untyped-def]
     assert proc.returncode == 0, proc.stderr
     return proc.stdout

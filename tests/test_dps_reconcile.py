@@ -34,29 +34,6 @@ pytestmark = pytest.mark.integration
 IMAGE = {"name": "alloc-img", "path": "/nonexistent", "size": "1000", "sha256": "0" * 64, "manifest": ""}
 
 
-class _Done:
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def cli(site: Site, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    from controller.cli import main
-
-    for k, v in site.env.items():
-        if k.startswith("MCDEPLOY_"):
-            monkeypatch.setenv(k, v)
-    monkeypatch.setenv("COLUMNS", "200")
-
-    def run(*args: str) -> _Done:
-        capsys.readouterr()
-        rc_ = main(list(args))
-        out, err = capsys.readouterr()
-        return _Done(rc_, out, err)
-
-    return run
-
-
 def _fresh(site: Site, prefix: str) -> State:
     """A state on the site's Redis under its own key prefix: allocation and reconciler tests see only theirs."""
     return State(redis.Redis.from_url(site.url), prefix)
