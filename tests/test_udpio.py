@@ -68,8 +68,13 @@ def test_batched_and_portable_paths_deliver_the_same_datagrams(send_batch: bool,
         tx.close()
 
 
-def test_the_environment_switch_forces_the_portable_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_environment_switch_chooses_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MCDEPLOY_UDP_BATCH", "0")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         assert BatchSender(s).mode == "sendto"
         assert BatchReceiver(s, 1500).mode == "recv"
+    if sys.platform.startswith("linux"):
+        monkeypatch.setenv("MCDEPLOY_UDP_BATCH", "1")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            assert BatchSender(s).mode == "gso"
+            assert BatchReceiver(s, 1500).mode == "gro"
