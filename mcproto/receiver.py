@@ -40,6 +40,7 @@ COMPLETE = "COMPLETE"
 REPORTING = "REPORTING"
 ACKED = "ACKED"
 GAVE_UP = "GAVE_UP"
+END_GRACE_S = 1.0  # after the sender says it finished, how long a receiver still waits for a Drop or Ack
 MAX_PARTIAL_BYTES = 32 * 1024 * 1024  # symbols of unfinished blocks held before no new block is started
 
 
@@ -67,6 +68,7 @@ class Receiver:
         self.max_partial_bytes = max_partial_bytes
         self._partial_bytes = 0
         self.window_dropped = 0
+        self._ended_at: float | None = None  # when a heartbeat said the session is over (see END_GRACE_S)
         self.client_id = client_id
         self.session_id = offer.session_id
         # With a session key every packet must authenticate (format v2); forgeries are PacketErrors.
@@ -146,8 +148,10 @@ class Receiver:
             self._last_heard = now
             self._horizon = max(self._horizon, hb.sent_through)
             self._feedback_interval = hb.feedback_ms / 1000.0
-            if hb.flags & packets.HB_FINISHED and self.state == RECEIVING:
-                self._give_up("the session ended before the image was complete")
+            if hb.flags & packets.HB_FINISHED and self.state == RECEIVING and self._ended_at is None:
+                # Give up shortly, not at once: a Drop telling us why (and whether unicast is allowed) may
+                # still be on its way over the session plane, which multicast heartbeats can overtake.
+                self._ended_at = now
             return None
         if block >= self.blocks:
             raise PacketError("block beyond end of image")
@@ -263,7 +267,9 @@ class Receiver:
     def handle_timer(self, now: float) -> None:
         # COMPLETE is exempt: every byte is here, only local verification is left (which can take
         # minutes for a large image while the sender may already be gone).
-        if self.state == RECEIVING and now - self._last_heard > self._idle_timeout:
+        if self.state == RECEIVING and self._ended_at is not None and now - self._ended_at >= END_GRACE_S:
+            self._give_up("the session ended before the image was complete")
+        elif self.state == RECEIVING and now - self._last_heard > self._idle_timeout:
             self._give_up(f"nothing heard from the sender for {self._idle_timeout:g} s")
         elif self.state == REPORTING and now > self._report_deadline:
             self._give_up(f"the DP did not acknowledge our result within {self._report_timeout:g} s")
@@ -295,7 +301,8 @@ class Receiver:
 
     def get_timer(self) -> float:
         if self.state == RECEIVING:
-            return min(self._next_status, self._last_heard + self._idle_timeout)
+            ended = self._ended_at + END_GRACE_S if self._ended_at is not None else math.inf
+            return min(self._next_status, self._last_heard + self._idle_timeout, ended)
         if self.state == REPORTING:
             return min(self._next_report, self._report_deadline)
         if self.state == COMPLETE:
