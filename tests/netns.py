@@ -38,42 +38,26 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
+
+# The low-level helpers (commands with timeouts, namespace listing, ending our own PIDs) are the
+# benchmark's: one implementation for the tests' and bench/transport.py's topologies.
+from bench.topology import TopologyError, _ip, _netns_pids, _tc, list_netns
+from bench.topology import cmd as _cmd
+from bench.topology import stop_pids as _stop_pids
 
 PREFIX = "mcd"
 SUBNET4 = "10.77.0"
 SUBNET6 = "fd00:77:"
 MAX_RECEIVERS = 200
-CMD_TIMEOUT = 30.0
 
 # Classic BPF: A = random u32 (ancillary load SKF_AD_OFF + SKF_AD_RANDOM); A >= T ? TC_ACT_OK : TC_ACT_SHOT
 _SKF_AD_RANDOM = 0xFFFFF000 + 56
 _TC_ACT_OK = 0
 _TC_ACT_SHOT = 2
-
-
-class TopologyError(RuntimeError):
-    """A command that builds or changes the topology failed."""
-
-
-def _cmd(argv: Sequence[str], *, check: bool = True, timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if check and proc.returncode != 0:
-        raise TopologyError(f"{' '.join(argv)!s} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
-def _ip(ns: str | None, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return _cmd(["ip", *(["-n", ns] if ns else []), *args], check=check)
-
-
-def _tc(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return _cmd(["tc", "-n", ns, *args], check=check)
 
 
 def _sysctl(ns: str, values: dict[str, int]) -> None:
@@ -85,46 +69,6 @@ def _sysctl(ns: str, values: dict[str, int]) -> None:
         code = ("import sys\nfor kv in sys.argv[1:]:\n    k, v = kv.split('=')\n"
                 "    open('/proc/sys/' + k.replace('.', '/'), 'w').write(v)")
         _cmd(["ip", "netns", "exec", ns, sys.executable, "-c", code, *pairs])
-
-
-def list_netns() -> list[str]:
-    out = _ip(None, "netns", "list", check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _netns_pids(ns: str) -> list[int]:
-    out = _cmd(["ip", "netns", "pids", ns], check=False).stdout
-    return [int(tok) for tok in out.split() if tok.isdigit()]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _stop_pids(pids: Sequence[int], grace: float = 3.0) -> None:
-    """SIGTERM the given PIDs, wait up to ``grace`` seconds, SIGKILL what is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = [p for p in pids if _pid_alive(p)]
-        for pid in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while alive and time.monotonic() < deadline:
-            time.sleep(0.02)
-            alive = [p for p in alive if _pid_alive(p)]
-        if not alive:
-            return
 
 
 def _names_for(tag: str) -> str:
