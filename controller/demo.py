@@ -115,14 +115,7 @@ def _run(opts: DemoOptions, out: Console, err: Console, workdir: str, outdir: st
                                     "--max-rate-mbps", str(opts.max_rate_mbps), "--loglevel", "INFO"),
                 env, stdout=dp_log, stderr=subprocess.STDOUT)
 
-    if opts.image:
-        image_path = os.path.abspath(opts.image)
-        if not os.path.isfile(image_path):
-            raise ConfigError(f"no such image file: {image_path}")
-    else:
-        image_path = os.path.join(workdir, "demo-image.img")
-        make_image(image_path, opts.size)
-    image = api.add_image(state, image_path, name="demo-image", ctl=ctl)
+    image = _demo_image(opts, state, workdir, ctl)
     controller_key = mf.public_bytes(identity.controller_key(ctl.key_file).public_key()).hex()
     size = int(image["size"])
 
