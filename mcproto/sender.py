@@ -162,6 +162,7 @@ class Sender:
         self.repair_symbols = 0
         self.catchup_symbols = 0
         self.rejected_messages = 0
+        self._refused = 0  # clients that refused our offer (kept as a count: _check_progress runs per message)
 
     # ------------------------------------------------------------------ inputs
 
@@ -196,6 +197,7 @@ class Sender:
         elif isinstance(msg, Failed):
             if client.state == "joined":
                 client.refused = msg.refused
+                self._refused += msg.refused
                 self._finish_client(client, "failed", msg.reason, None, now - client.joined_at)
             self._ack(client, addr)
         self._check_progress(now)
@@ -383,7 +385,7 @@ class Sender:
 
     def _check_progress(self, now: float) -> None:
         cfg = self.config
-        joined = sum(1 for c in self.clients.values() if not c.refused)
+        joined = len(self.clients) - self._refused  # a client that refused our offer does not count
         if self.state == WAITING:
             reason = cfg.start.due(joined, self.opened_at, now)
             if reason:
